@@ -1,0 +1,29 @@
+"""Exceptions raised by the library; the CLI turns them into one-line messages and exit codes."""
+
+
+class ErcError(Exception):
+    """Base class of every error erc raises on purpose."""
+
+
+class CorpusError(ErcError):
+    """A corpus on disk is malformed (bad CSV, unreadable transcript, unknown label)."""
+
+
+class MediaError(ErcError):
+    """A media file is missing, corrupt, or lacks the stream asked for (no audio track, no frames)."""
+
+
+class SilentAudioError(MediaError):
+    """The audio of an utterance carries no signal."""
+
+
+class NoFaceError(MediaError):
+    """MTCNN found no face in any sampled frame of an utterance."""
+
+
+class ShardError(ErcError):
+    """A shard file is missing, truncated, or does not match the shard set it belongs to."""
+
+
+class ConfigError(ErcError):
+    """Options that cannot work together, or weights that do not match what a run recorded."""

@@ -156,6 +156,7 @@ class ShardSummary:
     dialogues: int
     utterances: int
     splits: dict[str, int]
+    dialogue_splits: dict[str, int]
     labels: dict[str, dict[str, int]]
     present: dict[str, int]
     failures: list[dict[str, str]]
@@ -177,11 +178,13 @@ def summarize_shard(path: Path) -> ShardSummary:
                 if f[f"features/{m}"].shape[0] != n:
                     raise ShardError(f"{path}: features/{m} has {f[f'features/{m}'].shape[0]} rows, expected {n}")
                 present[m] = int(f[f"present/{m}"][()].sum())
+            dialogue_split = dict(zip(_decode(f["dialogue_id"][()]), splits))
             return ShardSummary(
                 file=path.name,
-                dialogues=len(set(_decode(f["dialogue_id"][()]))),
+                dialogues=len(dialogue_split),
                 utterances=n,
                 splits=dict(Counter(splits)),
+                dialogue_splits=dict(Counter(dialogue_split.values())),
                 labels={s: dict(c) for s, c in per_split.items()},
                 present=present,
                 failures=_attr(f, "failures"),
@@ -201,8 +204,8 @@ def read_shard_attrs(path: Path) -> dict[str, Any]:
         raise ShardError(f"{path}: cannot open shard ({exc})") from exc
 
 
-def build_index(out: Path) -> dict[str, Any]:
-    """Rebuild ``index.json`` from the shards present in ``out/shards``; return it."""
+def build_index(out: Path, *, write: bool = True) -> dict[str, Any]:
+    """Rebuild the index from the shards present in ``out/shards``; write ``index.json`` unless told not to."""
     shard_paths = sorted((out / "shards").glob("*.h5"))
     summaries = [summarize_shard(p) for p in shard_paths]
     index: dict[str, Any] = {"format_version": FORMAT_VERSION, "shards": [vars(s) for s in summaries]}
@@ -210,7 +213,8 @@ def build_index(out: Path) -> dict[str, Any]:
         attrs = read_shard_attrs(shard_paths[0])
         for key in ("dataset", "label_names", "dims", "modalities", "config", "config_hash", "versions", "weights"):
             index[key] = attrs.get(key)
-    write_json_atomic(out / "index.json", index)
+    if write:
+        write_json_atomic(out / "index.json", index)
     return index
 
 

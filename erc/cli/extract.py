@@ -1,0 +1,148 @@
+"""`erc extract`, `erc inspect`, `erc demo`: parse options, call the pipeline, print the result."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from erc.errors import ErcError
+
+console = Console()
+
+
+@contextmanager
+def utterance_progress(description: str):
+    """A rich progress bar counting utterances; yields the ``progress(done, total)`` callback."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("utterances"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def extract_command(
+    dataset: Annotated[str, typer.Option(help="iemocap | meld | manifest")],
+    root: Annotated[Path, typer.Option(help="corpus root (IEMOCAP_full_release, MELD.Raw, or the manifest's folder)")],
+    out: Annotated[Path, typer.Option(help="output directory for the shard set")],
+    manifest: Annotated[Path | None, typer.Option(help="manifest CSV (dataset=manifest; default ROOT/manifest.csv)")] = None,
+    text_model: Annotated[str, typer.Option(help="Hugging Face encoder name or local directory")] = "roberta-base",
+    face_weights: Annotated[Path | None, typer.Option(help="ResNet-101 state dict (torchvision or MultiEMO layout)")] = None,
+    random_face_weights: Annotated[bool, typer.Option(help="untrained ResNet-101 (testing only; recorded in the shards)")] = False,
+    faces: Annotated[str, typer.Option(help="all | largest: faces averaged per frame")] = "all",
+    modalities: Annotated[str, typer.Option(help="comma-separated subset of text,audio,visual")] = "text,audio,visual",
+    label_set: Annotated[str, typer.Option(help="IEMOCAP classes: 6class | 4class")] = "6class",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 (ResNet autocast)")] = "fp32",
+    workers: Annotated[int, typer.Option(help="local Dask worker processes")] = 1,
+    scheduler: Annotated[str | None, typer.Option(help="address of an existing Dask scheduler, e.g. tcp://host:8786")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    limit: Annotated[int | None, typer.Option(help="only the first N dialogues of each split")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a shard set extracted with another configuration")] = False,
+    max_failures: Annotated[int | None, typer.Option(help="stop when more utterances fail (default: 10% of them)")] = None,
+    dialogues_per_shard: Annotated[int, typer.Option(help="dialogues per HDF5 shard")] = 8,
+    seed: Annotated[int, typer.Option(help="seed of random face weights")] = 0,
+) -> None:
+    """Extract text, audio and visual features of a corpus into HDF5 shards."""
+    from erc.pipeline.extract import ExtractConfig, extract
+
+    try:
+        config = ExtractConfig(
+            dataset=dataset, root=root, out=out, manifest=manifest, text_model=text_model, face_weights=face_weights,
+            random_face_weights=random_face_weights, faces=faces,
+            modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), label_set=label_set,
+            precision=precision, workers=workers, scheduler=scheduler, device=device, limit=limit,
+            overwrite=overwrite, max_failures=max_failures, dialogues_per_shard=dialogues_per_shard, seed=seed,
+        )
+        if config.random_face_weights and "visual" in config.modalities:
+            console.print("[yellow]visual features use RANDOM face weights: fine for testing, meaningless for research[/yellow]")
+        with utterance_progress(f"extract {dataset}") as progress:
+            result = extract(config, progress=progress)
+    except ErcError as exc:
+        raise fail(exc) from None
+    console.print(
+        f"{result.utterances} utterances in {result.shards_written + result.shards_skipped} shards "
+        f"({result.shards_written} written, {result.shards_skipped} already done) in {result.seconds:.1f} s; "
+        f"{len(result.failures)} failures (see {out / 'report.json'})"
+    )
+
+
+def inspect_command(
+    directory: Annotated[Path, typer.Argument(help="a shard set directory")],
+    json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Counts per split and label, feature dims, missing modalities, failures, provenance."""
+    from erc.pipeline.inspect import inspect_shards
+
+    try:
+        summary = inspect_shards(directory)
+    except ErcError as exc:
+        raise fail(exc) from None
+    if json_output:
+        typer.echo(json.dumps(summary, sort_keys=True))
+        return
+    print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+    state = "complete" if summary["complete"] else "INCOMPLETE (re-run extract to resume)"
+    console.print(f"[bold]{summary['directory']}[/bold]: {summary['dataset']}, "
+                  f"{summary['shards']['done']}/{summary['shards']['planned']} shards, {state}")
+    labels = Table(title="utterances per split and label")
+    splits = sorted(summary["labels"])
+    labels.add_column("label")
+    for split in splits:
+        labels.add_column(split, justify="right")
+    for name in list(summary["label_names"] or []) + ["<unlabeled>"]:
+        row = [str(summary["labels"][s].get(name, 0)) for s in splits]
+        if name != "<unlabeled>" or any(v != "0" for v in row):
+            labels.add_row(name, *row)
+    labels.add_row("[bold]utterances", *[str(summary["splits"].get(s, 0)) for s in splits])
+    labels.add_row("[bold]dialogues", *[str(summary["dialogues"].get(s, 0)) for s in splits])
+    console.print(labels)
+    dims = Table(title="features")
+    for column in ("modality", "dim", "missing"):
+        dims.add_column(column)
+    for modality, dim in (summary["dims"] or {}).items():
+        dims.add_row(modality, str(dim), str(summary["missing"][modality]))
+    console.print(dims)
+    failures = summary["failures"]
+    console.print(f"failures: {failures['count']} ({failures['utterances']} utterances) {failures['by_modality']}")
+    for item in failures["items"][:10]:
+        console.print(f"  {item['item']} [{item['modality']}]: {item['error']}", highlight=False)
+    provenance = summary["provenance"]
+    console.print(f"config {provenance['config_hash']}; weights: {json.dumps(provenance['weights'])}", highlight=False)
+
+
+def demo_command(
+    out: Annotated[Path, typer.Option(help="where the demo corpus, shards and run go")] = Path("erc-demo"),
+    workers: Annotated[int, typer.Option(help="local Dask worker processes")] = 1,
+) -> None:
+    """Write a small synthetic corpus, extract its features offline, train and evaluate on them."""
+    from erc.pipeline.demo import run_demo
+    from erc.pipeline.inspect import inspect_shards
+
+    console.print("[yellow]demo: text through the bundled pretrained MiniLM; faces through RANDOM ResNet-101 weights "
+                  "(the visual vectors test the pipeline, they carry no learned meaning)[/yellow]")
+    try:
+        with utterance_progress("extract demo") as progress:
+            result = run_demo(out, workers=workers, progress=progress)
+        print_summary(inspect_shards(result.features))
+    except ErcError as exc:
+        raise fail(exc) from None
+    console.print(f"corpus: {result.manifest}\nfeatures: {result.features}")

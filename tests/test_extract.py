@@ -1,0 +1,259 @@
+"""End to end: corpora on disk -> `erc extract` on a real Dask cluster -> shards, on every reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from erc.cli.main import app
+from erc.errors import ConfigError, ErcError
+from erc.pipeline.extract import ExtractConfig, extract
+from erc.pipeline.shards import ShardSet
+
+# Four sampled frames instead of twenty keep the end-to-end runs fast on 2 cores; the visual tests and
+# the benchmark cover the 20-frame default.
+FRAMES = 4
+
+
+def _config(manifest: Path, out: Path, encoder: Path, **kw) -> ExtractConfig:
+    return ExtractConfig(dataset="manifest", root=manifest.parent, manifest=manifest, out=out, num_frames=FRAMES,
+                         text_model=str(encoder), random_face_weights=True, dialogues_per_shard=1, **kw)
+
+
+def _features(directory: Path) -> dict[str, dict[str, np.ndarray]]:
+    """utterance id -> modality -> vector (present modalities only), plus frame matrices."""
+    shards = ShardSet(directory)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for ref in shards.dialogues():
+        rows = shards.load(ref, frames="visual" in shards.modalities)
+        for i, uid in enumerate(rows["utterance_id"]):
+            assert uid not in out, f"{uid} stored twice"
+            out[uid] = {m: rows["features"][m][i] for m in shards.modalities if rows["present"][m][i]}
+            if "visual_frames" in rows:
+                out[uid]["frames"] = rows["visual_frames"][i]
+    shards.close()
+    return out
+
+
+def _assert_same_features(a: dict, b: dict) -> None:
+    """Equal up to float32 summation order (thread counts differ between runs): every element within
+    1e-5 of the vector's largest magnitude (random-weight ResNet outputs reach 1e4)."""
+    assert a.keys() == b.keys()
+    for uid in a:
+        assert a[uid].keys() == b[uid].keys(), uid
+        for name in a[uid]:
+            scale = float(np.abs(b[uid][name]).max()) or 1.0
+            np.testing.assert_allclose(a[uid][name], b[uid][name], rtol=0, atol=1e-5 * scale, err_msg=f"{uid} {name}")
+
+
+@pytest.fixture(scope="module")
+def manifest_reference(manifest_path, tiny_text_encoder, tmp_path_factory):
+    """The manifest corpus extracted once with one local worker: what every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    result = extract(_config(manifest_path, out, tiny_text_encoder, workers=1))
+    return out, result
+
+
+def test_manifest_end_to_end(manifest_reference, manifest_path, tiny_text_encoder):
+    out, result = manifest_reference
+    from erc.pipeline.corpus import read_manifest
+
+    corpus = read_manifest(manifest_path)
+    shards = ShardSet(out)
+    assert result.utterances == corpus.num_utterances == sum(len(r) for r in shards.dialogues())
+    assert shards.label_names == corpus.label_names
+    assert shards.dims["audio"] == 6373 and shards.dims["visual"] == 1000
+    for dialogue in corpus.dialogues:
+        ref = next(r for r in shards.dialogues() if r.dialogue_id == dialogue.dialogue_id)
+        rows = shards.load(ref, frames=True)
+        assert ref.split == dialogue.split
+        assert rows["speaker"] == [u.speaker for u in dialogue.utterances]
+        assert rows["speaker_index"].tolist() == [u.speaker_index for u in dialogue.utterances]
+        assert [corpus.label_names[y] for y in rows["label"]] == [u.label for u in dialogue.utterances]
+        for i, u in enumerate(dialogue.utterances):
+            # a modality without media is a mask, never a zero vector passed off as data
+            assert rows["present"]["visual"][i] == (u.video is not None), u.utterance_id
+            assert rows["present"]["audio"][i] == (u.audio is not None or u.video is not None), u.utterance_id
+            assert rows["present"]["text"][i]
+            if rows["present"]["visual"][i]:
+                frame_mask = rows["visual_frame_mask"][i]
+                assert frame_mask.sum() >= 3, f"MTCNN found the face in only {frame_mask.sum()}/{FRAMES} frames"
+                np.testing.assert_allclose(rows["visual_frames"][i][frame_mask].mean(0), rows["features"]["visual"][i],
+                                           rtol=1e-4, atol=1e-4)
+            else:
+                assert not rows["features"]["visual"][i].any()
+    attrs = json.loads((out / "index.json").read_text())
+    assert attrs["weights"]["face"] == {"file": None, "random_init_seed": 0}
+    assert attrs["weights"]["text"]["sha256"], "text weight hashes recorded"
+    assert attrs["versions"]["torch"]
+    assert attrs["config"]["text"]["model"] == str(tiny_text_encoder)
+
+
+def test_rerun_skips_finished_shards(manifest_reference, manifest_path, tiny_text_encoder, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(manifest_reference[0], out)
+    result = extract(_config(manifest_path, out, tiny_text_encoder))
+    assert result.shards_written == 0 and result.shards_skipped > 0
+
+
+def test_other_config_refused_without_overwrite(manifest_reference, manifest_path, tiny_text_encoder, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(manifest_reference[0], out)
+    with pytest.raises(ConfigError, match="--overwrite"):
+        extract(_config(manifest_path, out, tiny_text_encoder, faces="largest"))
+
+
+def test_visual_needs_weights_or_explicit_random(manifest_path, tmp_path):
+    with pytest.raises(ConfigError, match="--random-face-weights"):
+        ExtractConfig(dataset="manifest", root=manifest_path.parent, out=tmp_path)
+
+
+def test_two_workers_match_one_and_load_models_once(manifest_reference, manifest_path, tiny_text_encoder, tmp_path):
+    result = extract(_config(manifest_path, tmp_path / "two", tiny_text_encoder, workers=2))
+    assert result.shards_written > 2
+    assert len(result.model_loads) <= 2 and sum(result.model_loads.values()) == len(result.model_loads)
+    _assert_same_features(_features(manifest_reference[0]), _features(tmp_path / "two"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_cluster_via_dask_cli(manifest_reference, manifest_path, tiny_text_encoder, tmp_path):
+    """A scheduler and two worker processes started with Dask's own command-line tools, on loopback."""
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([bin_dir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    try:
+        time.sleep(2)
+        for _ in range(2):
+            procs.append(subprocess.Popen([bin_dir / "dask", "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1",
+                                           "--nthreads", "1", "--no-dashboard"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        from distributed import Client
+
+        with Client(f"tcp://127.0.0.1:{port}", timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
+        out = tmp_path / "cluster"
+        run = CliRunner().invoke(app, [
+            "extract", "--dataset", "manifest", "--root", str(manifest_path.parent), "--manifest", str(manifest_path),
+            "--out", str(out), "--text-model", str(tiny_text_encoder), "--random-face-weights",
+            "--scheduler", f"tcp://127.0.0.1:{port}", "--dialogues-per-shard", "1", "--num-frames", str(FRAMES),
+        ])
+        assert run.exit_code == 0, run.output
+        _assert_same_features(_features(manifest_reference[0]), _features(out))
+        report = json.loads((out / "report.json").read_text())
+        assert len(report["last_run"]["model_loads_per_worker"]) == 2, "both cluster workers took shards"
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+def test_sigkill_then_resume_gives_the_same_shards(manifest_reference, manifest_path, tiny_text_encoder, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "erc.cli", "extract", "--dataset", "manifest", "--root", str(manifest_path.parent),
+           "--manifest", str(manifest_path), "--out", str(out), "--text-model", str(tiny_text_encoder),
+           "--random-face-weights", "--dialogues-per-shard", "1", "--num-frames", str(FRAMES)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "shards").glob("*.h5")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the client and its local workers, mid-run
+    proc.wait()
+    finished_before = {p.name for p in (out / "shards").glob("*.h5")}
+    assert finished_before, "the run was killed before writing any shard"
+    result = extract(_config(manifest_path, out, tiny_text_encoder))
+    assert result.shards_skipped >= len(finished_before)
+    assert not list((out / "shards").glob(".*.tmp"))
+    _assert_same_features(_features(manifest_reference[0]), _features(out))
+
+
+def test_iemocap_end_to_end(iemocap_root, tiny_text_encoder, tmp_path):
+    from erc.pipeline.corpus import read_iemocap
+
+    corpus = read_iemocap(iemocap_root)
+    out = tmp_path / "iemocap"
+    result = extract(ExtractConfig(dataset="iemocap", root=iemocap_root, out=out, text_model=str(tiny_text_encoder),
+                                   random_face_weights=True, num_frames=FRAMES))
+    shards = ShardSet(out)
+    assert result.failures == []
+    assert shards.label_names == corpus.label_names and len(shards.label_names) == 6
+    splits = {r.split for r in shards.dialogues()}
+    assert splits == {"train", "test"}
+    test_ids = {r.dialogue_id for r in shards.dialogues("test")}
+    assert test_ids and all("Ses05" in d for d in test_ids)
+    kept = 0
+    for ref in shards.dialogues():
+        rows = shards.load(ref, frames=True)
+        assert set(rows["speaker"]) <= {"F", "M"}
+        assert all(rows["present"]["audio"]) and all(rows["present"]["visual"])
+        assert (rows["visual_frame_mask"].sum(1) >= 3).all()
+        kept += len(rows["label"])
+    assert kept == corpus.num_utterances
+    index = json.loads((out / "index.json").read_text())
+    assert index["dataset"] == "iemocap"
+
+
+def test_meld_missing_and_corrupt_media_reported(meld_root, tiny_text_encoder, tmp_path):
+    from erc.pipeline.corpus import read_meld
+
+    meld_root = shutil.copytree(meld_root, tmp_path / "MELD.Raw")
+    corpus = read_meld(meld_root)
+    videos = sorted({u.video for d in corpus.dialogues for u in d.utterances if u.video and u.video.exists()})
+    corrupt = videos[0]
+    corrupt.write_bytes(os.urandom(4096))
+    missing = [u for d in corpus.dialogues for u in d.utterances if not u.video.exists()]
+    assert missing, "the MELD fixture leaves a video out"
+    out = tmp_path / "meld"
+    runner = CliRunner()
+    run = runner.invoke(app, ["extract", "--dataset", "meld", "--root", str(meld_root), "--out", str(out),
+                              "--text-model", str(tiny_text_encoder), "--random-face-weights", "--max-failures", "50",
+                              "--num-frames", str(FRAMES)])
+    assert run.exit_code == 0, run.output
+    report = json.loads((out / "report.json").read_text())
+    failed = {(f["item"], f["modality"]) for f in report["failures"]}
+    corrupt_id = next(u.utterance_id for d in corpus.dialogues for u in d.utterances if u.video == corrupt)
+    for uid in [corrupt_id] + [u.utterance_id for u in missing]:
+        assert (uid, "audio") in failed and (uid, "visual") in failed, uid
+    assert all(str(missing[0].video.name) in f["error"] for f in report["failures"] if f["item"] == missing[0].utterance_id)
+    shown = runner.invoke(app, ["inspect", str(out), "--json"])
+    summary = json.loads(shown.stdout)
+    assert summary["complete"]
+    assert summary["splits"] == {s: len([u for d in corpus.split(s) for u in d.utterances]) for s in ("train", "dev", "test")}
+    assert summary["missing"]["visual"] == summary["failures"]["utterances"] == 1 + len(missing)
+    assert summary["missing"]["text"] == 0
+    assert summary["provenance"]["weights"]["face"]["random_init_seed"] == 0
+    # too many failures stop the run with a clear message
+    again = runner.invoke(app, ["extract", "--dataset", "meld", "--root", str(meld_root), "--out", str(tmp_path / "strict"),
+                                "--text-model", str(tiny_text_encoder), "--modalities", "audio", "--max-failures", "0"])
+    assert again.exit_code == 2
+    assert "more than --max-failures 0" in again.output
+
+
+def test_text_only_needs_no_media(manifest_path, tiny_text_encoder, tmp_path):
+    """--modalities text reads no media file at all: it works with every media file gone."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(manifest_path, bare / "manifest.csv")
+    result = extract(ExtractConfig(dataset="manifest", root=bare, out=tmp_path / "out", text_model=str(tiny_text_encoder),
+                                   modalities=("text",)))
+    assert result.failures == []
+    shards = ShardSet(tmp_path / "out")
+    assert shards.modalities == ["text"]

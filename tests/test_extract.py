@@ -257,3 +257,15 @@ def test_text_only_needs_no_media(manifest_path, tiny_text_encoder, tmp_path):
     assert result.failures == []
     shards = ShardSet(tmp_path / "out")
     assert shards.modalities == ["text"]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    """`erc demo` as the README's first command runs it (slow: 20 frames per utterance; CI skips it)."""
+    run = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert run.exit_code == 0, run.output
+    metrics = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["weighted_f1"] <= 1.0
+    assert (tmp_path / "demo" / "run" / "confusion_matrix.png").stat().st_size > 0
+    shards = ShardSet(tmp_path / "demo" / "features")
+    assert shards.modalities == ["text", "audio", "visual"] and shards.dims["text"] == 384

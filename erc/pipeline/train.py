@@ -1,0 +1,330 @@
+"""`erc train`: fit a registered model on a shard set and write a self-describing run directory.
+
+Settings resolve in three layers: the model's preset (default: the shard set's dataset when the
+model has a preset of that name, else none, i.e. the config class defaults and
+``TrainHyperparameters`` defaults), then a YAML file with ``model:`` and ``train:`` sections shaped
+like a preset entry, then the explicit options of :class:`TrainConfig`.
+
+The checkpoint kept is the epoch with the best DEV weighted F1; the test split is read once, after
+training. A run directory holds::
+
+    config.yaml          the resolved configuration (model config, training hyperparameters, data)
+    run.json             seed, package versions, git revision, features dir, config hash, splits
+    index.json           a copy of the shard set's index
+    best.pt              weights + what is needed to rebuild the model (see evaluate.load_model)
+    metrics.json         per-epoch history, best dev metrics, test metrics
+    confusion_matrix.png / .csv, training_curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import random
+import shutil
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from erc.errors import ConfigError
+from erc.models.registry import MODELS, TrainHyperparameters, build_model, preset_names, train_hyperparameters
+from erc.pipeline.data import DataSplits, DialogueDataset, load_splits, make_loader
+from erc.pipeline.evaluate import (
+    CHECKPOINT,
+    classification_metrics,
+    load_checkpoint,
+    predict,
+    resolve_device,
+    save_checkpoint,
+    to_device,
+)
+from erc.pipeline.plots import plot_confusion_matrix, plot_training_curves
+from erc.provenance import package_versions
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``None`` fields come from the preset / YAML file (see the module docstring)."""
+
+    model: str
+    features: Path
+    out: Path
+    preset: str | None = None
+    config_file: Path | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    modalities: list[str] | None = None  # default: the YAML's model.modalities, else all the shards hold
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"multiattn": False}
+    grad_clip: float | None = None  # max gradient norm; None = no clipping
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    dev: dict[str, Any]
+    test: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_revision() -> dict[str, Any] | None:
+    """Commit and dirty flag of the erc checkout, or None when erc is not run from a git clone."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def _read_config_file(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {"model": {}, "train": {}}
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the training config ({exc})") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping with model: and train: sections")
+    unknown = sorted(set(values) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (expected model: and train:)")
+    return {"model": values.get("model") or {}, "train": values.get("train") or {}}
+
+
+def _default_preset(model: str, dataset: str | None) -> str | None:
+    return dataset if dataset in preset_names(model) else None
+
+
+def _data_overrides(model: str, splits: DataSplits) -> dict[str, Any]:
+    """What the data decides for the model config: its modalities and number of speakers."""
+    fields = {f.name for f in dataclasses.fields(MODELS[model].config)}
+    values = {"modalities": tuple(splits.modalities), "num_speakers": splits.num_speakers}
+    return {k: v for k, v in values.items() if k in fields}
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(enabled)`` for the duration of the block."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def resolve_settings(
+    config: TrainConfig, splits: DataSplits, from_file: dict[str, dict[str, Any]]
+) -> tuple[str | None, TrainHyperparameters, dict[str, Any]]:
+    """(preset, training hyperparameters, model config overrides): preset < YAML file < options < data."""
+    preset = config.preset if config.preset is not None else _default_preset(config.model, splits.shards.index.get("dataset"))
+    flags = {"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr}
+    hparams = train_hyperparameters(
+        config.model, preset, {**from_file["train"], **{k: v for k, v in flags.items() if v is not None}}
+    )
+    if hparams.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {sorted(OPTIMIZERS)}, not {hparams.optimizer!r}")
+    if hparams.epochs < 1 or hparams.batch_size < 1:
+        raise ConfigError(f"epochs and batch size must be at least 1, got {hparams.epochs} and {hparams.batch_size}")
+    return preset, hparams, {**from_file["model"], **config.model_overrides, **_data_overrides(config.model, splits)}
+
+
+def train(
+    config: TrainConfig,
+    *,
+    on_batch: Callable[[int, int, int], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train, keep the best-dev checkpoint, evaluate it on test, and write the run directory.
+
+    ``on_batch(epoch, done, total)`` and ``on_epoch(record)`` report progress (the CLI draws a bar).
+    Deterministic algorithms are switched on for CPU runs, so a seed reproduces a run exactly.
+    """
+    if config.model not in MODELS:
+        raise ConfigError(f"unknown model {config.model!r}; known: {', '.join(sorted(MODELS))}")
+    out = Path(config.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: already holds files; give a new --out for each run")
+    device = resolve_device(config.device)
+    started = time.perf_counter()
+    from_file = _read_config_file(config.config_file)
+    splits = load_splits(config.features, config.modalities or from_file["model"].get("modalities"), seed=config.seed)
+    with closing(splits.shards), deterministic_algorithms(True) if device.type == "cpu" else nullcontext():
+        preset, hparams, model_overrides = resolve_settings(config, splits, from_file)
+        seed_everything(config.seed)
+        model = build_model(
+            config.model, input_dims=splits.input_dims, num_classes=len(splits.label_names),
+            preset=preset, overrides=model_overrides,
+        ).to(device)
+        frames = bool(getattr(model, "needs_frames", False))
+        features = str(Path(config.features).resolve())
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {
+            "model": config.model,
+            "preset": preset,
+            "config_file": str(config.config_file) if config.config_file else None,
+            "model_config": dataclasses.asdict(model.config),
+            "train": dataclasses.asdict(hparams),
+            "grad_clip": config.grad_clip,
+            "seed": config.seed,
+            "device": str(device),
+            "features": features,
+            "modalities": splits.modalities,
+        }
+        _write_run_files(out, resolved, splits)
+        checkpoint_record = {
+            "model": config.model,
+            "model_config": resolved["model_config"],
+            "label_names": splits.label_names,
+            "input_dims": splits.input_dims,
+            "modalities": splits.modalities,
+            "frames": frames,
+            "batch_size": hparams.batch_size,
+            "seed": config.seed,
+            "features": features,
+        }
+        history, best_epoch, best_dev = _fit(
+            model, splits, hparams, config, device, frames, out / CHECKPOINT, checkpoint_record, on_batch, on_epoch
+        )
+        model.load_state_dict(load_checkpoint(out / CHECKPOINT)["state_dict"])
+        test_data = DialogueDataset(splits.shards, splits.test, splits.modalities, frames=frames)
+        test = classification_metrics(
+            *predict(model, make_loader(test_data, hparams.batch_size, shuffle=False), device), splits.label_names
+        )
+
+    seconds = time.perf_counter() - started
+    metrics = {"best_epoch": best_epoch, "dev": best_dev, "test": test, "history": history, "seconds": seconds}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_confusion_csv(out / "confusion_matrix.csv", test["confusion_matrix"], splits.label_names)
+    plot_confusion_matrix(test["confusion_matrix"], splits.label_names, out / "confusion_matrix.png",
+                          title=f"{config.model} test (weighted F1 {test['weighted_f1']:.3f})")
+    plot_training_curves(history, best_epoch, out / "training_curves.png")
+    return TrainResult(run_dir=out, best_epoch=best_epoch, dev=best_dev, test=test, history=history, seconds=seconds)
+
+
+def _fit(
+    model: torch.nn.Module,
+    splits: DataSplits,
+    hparams: TrainHyperparameters,
+    config: TrainConfig,
+    device: torch.device,
+    frames: bool,
+    checkpoint_path: Path,
+    checkpoint_record: dict[str, Any],
+    on_batch: Callable[[int, int, int], None] | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
+    """The epoch loop; saves the best-dev checkpoint and returns (history, best epoch, its dev metrics)."""
+    train_loader = make_loader(
+        DialogueDataset(splits.shards, splits.train, splits.modalities, frames=frames),
+        hparams.batch_size, shuffle=True, seed=config.seed,
+    )
+    dev_loader = make_loader(
+        DialogueDataset(splits.shards, splits.dev, splits.modalities, frames=frames), hparams.batch_size, shuffle=False
+    )
+    optimizer = OPTIMIZERS[hparams.optimizer](
+        model.parameters(), lr=hparams.lr, betas=hparams.betas, weight_decay=hparams.weight_decay
+    )
+    scheduler = (
+        torch.optim.lr_scheduler.StepLR(optimizer, hparams.lr_decay_every, hparams.lr_decay_factor)
+        if hparams.lr_decay_every > 0 else None
+    )
+    class_counts = torch.tensor(splits.class_counts, dtype=torch.float32, device=device)
+    history: list[dict[str, Any]] = []
+    best_epoch, best_dev = 0, {"weighted_f1": -1.0}
+    for epoch in range(1, hparams.epochs + 1):
+        epoch_started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        for step, batch in enumerate(train_loader, 1):
+            batch = to_device(batch, device)
+            terms = model.loss(model(batch), batch, class_counts)
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            for name, value in terms.items():
+                sums[name] += value.item()
+                counts[name] += 1
+            if on_batch is not None:
+                on_batch(epoch, step, len(train_loader))
+        if scheduler is not None:
+            scheduler.step()
+        dev = classification_metrics(*predict(model, dev_loader, device), splits.label_names)
+        record = {
+            "epoch": epoch,
+            "lr": lr,
+            "train": {name: sums[name] / counts[name] for name in sums},
+            "dev": {k: dev[k] for k in ("weighted_f1", "accuracy", "macro_f1")},
+            "seconds": time.perf_counter() - epoch_started,
+        }
+        if dev["weighted_f1"] > best_dev["weighted_f1"]:
+            best_epoch, best_dev = epoch, dev
+            save_checkpoint(checkpoint_path, model, epoch=epoch, **checkpoint_record)
+        record["best_epoch"] = best_epoch
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    return history, best_epoch, best_dev
+
+
+def _write_run_files(out: Path, resolved: dict[str, Any], splits: DataSplits) -> None:
+    """config.yaml, run.json (provenance and the dialogues of each split) and the shard index copy."""
+    (out / "config.yaml").write_text(yaml.safe_dump(_jsonable(resolved), sort_keys=False))
+    shutil.copyfile(splits.shards.directory / "index.json", out / "index.json")
+    run = {
+        "seed": resolved["seed"],
+        "versions": package_versions(),
+        "git": git_revision(),
+        "torch_threads": torch.get_num_threads(),
+        "features": resolved["features"],
+        "dataset": splits.shards.index.get("dataset"),
+        "config_hash": splits.shards.index["config_hash"],
+        "label_names": splits.label_names,
+        "input_dims": splits.input_dims,
+        "num_speakers": splits.num_speakers,
+        "class_counts": dict(zip(splits.label_names, splits.class_counts)),
+        "held_out_dev": splits.held_out_dev,
+        "dialogues": {name: [r.dialogue_id for r in refs] for name, refs in
+                      (("train", splits.train), ("dev", splits.dev), ("test", splits.test))},
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=2))
+
+
+def _write_confusion_csv(path: Path, matrix: list[list[int]], label_names: list[str]) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["true \\ predicted", *label_names])
+        for name, row in zip(label_names, matrix):
+            writer.writerow([name, *row])

@@ -19,6 +19,9 @@ def _register() -> None:
         return
     app.command("train")(train_cli.train_command)
     app.command("evaluate")(train_cli.evaluate_command)
+    from erc.cli import compare as compare_cli
+
+    app.command("compare")(compare_cli.compare_command)
 
 
 _register()

@@ -13,10 +13,8 @@ def _register() -> None:
     app.command("extract")(extract_cli.extract_command)
     app.command("inspect")(extract_cli.inspect_command)
     app.command("demo")(extract_cli.demo_command)
-    try:
-        from erc.cli import train as train_cli
-    except ImportError:
-        return
+    from erc.cli import train as train_cli
+
     app.command("train")(train_cli.train_command)
     app.command("evaluate")(train_cli.evaluate_command)
     from erc.cli import compare as compare_cli

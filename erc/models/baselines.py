@@ -99,11 +99,3 @@ class ConcatFusion(nn.Module):
         return ModelOutput(logits=logits, fused=contextual, valid=valid)
 
     loss = staticmethod(cross_entropy_loss)
-
-
-def register() -> None:
-    """Add the baselines to the model registry (idempotent)."""
-    from erc.models.registry import MODELS, ModelSpec
-
-    MODELS.setdefault("text-only", ModelSpec(TextOnlyGRU, TextOnlyConfig, "text-only.yaml"))
-    MODELS.setdefault("concat", ModelSpec(ConcatFusion, ConcatConfig, "concat.yaml"))

@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from erc.errors import ConfigError
+from erc.models.baselines import ConcatConfig, ConcatFusion, TextOnlyConfig, TextOnlyGRU
 from erc.models.lmam import LMAM, LMAMConfig
 from erc.models.mcn_cl import MCNCL, MCNCLConfig
 from erc.models.multiemo import MultiEMO, MultiEMOConfig
@@ -57,6 +58,8 @@ MODELS: dict[str, ModelSpec] = {
     "lmam": ModelSpec(LMAM, LMAMConfig, "lmam.yaml"),
     "pairwise": ModelSpec(PairwiseFusion, PairwiseConfig, "pairwise.yaml"),
     "mcn-cl": ModelSpec(MCNCL, MCNCLConfig, "mcn-cl.yaml"),
+    "text-only": ModelSpec(TextOnlyGRU, TextOnlyConfig, "text-only.yaml"),
+    "concat": ModelSpec(ConcatFusion, ConcatConfig, "concat.yaml"),
 }
 
 

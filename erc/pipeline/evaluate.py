@@ -13,11 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from erc.errors import ConfigError
-from erc.models import baselines
 from erc.models.registry import build_model
 from erc.pipeline.data import DialogueDataset, load_splits, make_loader
-
-baselines.register()
 
 CHECKPOINT = "best.pt"
 

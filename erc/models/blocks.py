@@ -100,6 +100,15 @@ def check_speakers(speaker: Tensor, mask: Tensor, num_speakers: int) -> None:
         )
 
 
+def modality_projections(
+    modalities: tuple[str, ...], input_dims: Mapping[str, int], projection_dims: Mapping[str, int]
+) -> nn.ModuleDict:
+    """A linear map per modality to its ``projection_dims`` width; identity where none is given."""
+    return nn.ModuleDict(
+        {m: nn.Linear(input_dims[m], projection_dims[m]) if projection_dims.get(m) else nn.Identity() for m in modalities}
+    )
+
+
 def masked_softmax(scores: Tensor, valid: Tensor, dim: int = -1) -> Tensor:
     """Softmax over ``dim`` ignoring invalid entries; all-invalid slices give all-zero weights."""
     valid = valid.expand_as(scores)

@@ -27,6 +27,7 @@ from erc.models.blocks import (
     MultiAttn,
     TokenIndex,
     check_modalities,
+    modality_projections,
     check_speakers,
     modality_inputs,
 )
@@ -92,9 +93,7 @@ class MultiEMO(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.projections = nn.ModuleDict(
-            {m: nn.Linear(c.input_dims[m], c.projection_dims[m]) if c.projection_dims.get(m) else nn.Identity() for m in c.modalities}
-        )
+        self.projections = modality_projections(c.modalities, c.input_dims, c.projection_dims)
         self.context_encoders = nn.ModuleDict(
             {
                 m: DialogueRNN(

@@ -32,6 +32,7 @@ from erc.models.blocks import (
     PositionalEncoding,
     TokenIndex,
     check_modalities,
+    modality_projections,
     check_speakers,
     modality_inputs,
 )
@@ -96,9 +97,7 @@ class XLSTMMultiEMO(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.projections = nn.ModuleDict(
-            {m: nn.Linear(c.input_dims[m], c.projection_dims[m]) if c.projection_dims.get(m) else nn.Identity() for m in c.modalities}
-        )
+        self.projections = modality_projections(c.modalities, c.input_dims, c.projection_dims)
         self.contexts = nn.ModuleDict(
             {
                 m: DialogueCRN(

@@ -330,6 +330,20 @@ class EmotionClassifier(nn.Module):
 ARCCOS_EPS = 1e-6  # cosine similarities are clamped into (-1, 1) so arccos keeps a finite gradient
 
 
+def classify_fused(
+    classifier: EmotionClassifier, fused: dict[str, Tensor], modalities: tuple[str, ...], tokens: TokenIndex,
+    valid: dict[str, Tensor],
+) -> ModelOutput:
+    """Concatenate the fused per-modality tokens, classify them (MultiEMO eqs 13-17) and unpack to (B, L, ...)."""
+    z, logits = classifier(torch.cat([fused[m] for m in modalities], dim=-1))
+    return ModelOutput(
+        logits=tokens.unpack(logits),
+        fc_features=tokens.unpack(z),
+        fused={m: tokens.unpack(f) for m, f in fused.items()},
+        valid=valid,
+    )
+
+
 def angular_similarity(a: Tensor, b: Tensor) -> Tensor:
     """1 - arccos(cos(a_i, b_j)) / π for every pair of rows: (..., N, D), (..., M, D) -> (..., N, M) in [0, 1]."""
     cosine = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(-1, -2)

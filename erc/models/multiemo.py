@@ -27,6 +27,7 @@ from erc.models.blocks import (
     MultiAttn,
     TokenIndex,
     check_modalities,
+    classify_fused,
     modality_projections,
     check_speakers,
     modality_inputs,
@@ -129,13 +130,7 @@ class MultiEMO(nn.Module):
         )
         contextual |= {m: tokens.pack(x) for m, x in zip(with_context, encoded)}
         fused = self.multiattn(contextual, valid, tokens) if self.multiattn is not None else contextual
-        z, logits = self.classifier(torch.cat([fused[m] for m in c.modalities], dim=-1))
-        return ModelOutput(
-            logits=tokens.unpack(logits),
-            fc_features=tokens.unpack(z),
-            fused={m: tokens.unpack(f) for m, f in fused.items()},
-            valid=valid,
-        )
+        return classify_fused(self.classifier, fused, c.modalities, tokens, valid)
 
     def loss(self, output: ModelOutput, batch: Mapping[str, Tensor], class_counts: Tensor | None = None) -> dict[str, Tensor]:
         return fusion_loss(output, batch, class_counts, self.config)

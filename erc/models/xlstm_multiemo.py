@@ -32,6 +32,7 @@ from erc.models.blocks import (
     PositionalEncoding,
     TokenIndex,
     check_modalities,
+    classify_fused,
     modality_projections,
     check_speakers,
     modality_inputs,
@@ -143,13 +144,7 @@ class XLSTMMultiEMO(nn.Module):
         if c.use_modality_encoder:
             encoded = self.modality_encoder(encoded, valid, tokens)
         fused = self.multiattn(encoded, valid, tokens) if self.multiattn is not None else encoded
-        z, logits = self.classifier(torch.cat([fused[m] for m in c.modalities], dim=-1))
-        return ModelOutput(
-            logits=tokens.unpack(logits),
-            fc_features=tokens.unpack(z),
-            fused={m: tokens.unpack(f) for m, f in fused.items()},
-            valid=valid,
-        )
+        return classify_fused(self.classifier, fused, c.modalities, tokens, valid)
 
     def loss(self, output: ModelOutput, batch: Mapping[str, Tensor], class_counts: Tensor | None = None) -> dict[str, Tensor]:
         return fusion_loss(output, batch, class_counts, self.config)

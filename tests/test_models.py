@@ -320,3 +320,17 @@ def test_attention_ignores_masked_keys_and_survives_no_keys():
     no_keys[1] = False
     out = attention(query, keys, tokens, no_keys)
     assert torch.isfinite(out).all() and torch.all(out[tokens.dialogue == 1] == 0)
+
+
+def test_numbers_written_without_a_dot_are_read_as_numbers():
+    """YAML 1.1 loads ``1e-3`` as a string; the options still become numbers, or a clear error."""
+    import yaml
+
+    values = yaml.safe_load("weight_decay: 1e-3\nepochs: '7'")
+    assert values["weight_decay"] == "1e-3"
+    hparams = train_hyperparameters("concat", overrides=values)
+    assert hparams.weight_decay == 1e-3 and hparams.epochs == 7
+    config = build_config("concat", input_dims={"text": 4}, num_classes=2, overrides={"dropout": "5e-1"})
+    assert config.dropout == 0.5
+    with pytest.raises(ConfigError, match="lr must be a number"):
+        train_hyperparameters("concat", overrides={"lr": "fast"})

@@ -5,8 +5,8 @@
       2L nodes with intra-modal edges 1 - arccos(cos sim)/π between any two utterances of a
       modality and inter-modal edges γ·(same) between the two modalities of one utterance
       (eqs 3-4), a GCN on the renormalised adjacency (eq 5). The pair's fused feature E(m1m2) of
-      an utterance is its two nodes' outputs concatenated; an FC head is trained on it with CE +
-      λp1·‖E‖₁ (eqs 6-7). A node's output is [node, GCN(node)] as in DialogueGCN / MMGCN
+      an utterance is its two nodes' outputs concatenated; a head of FC layers (Fig. 2: "multiple
+      Fully Connected (FC) layers") is trained on it with CE + λp1·‖E‖₁ (eqs 6-7). A node's output is [node, GCN(node)] as in DialogueGCN / MMGCN
       (``keep_nodes=False``: the GCN output alone, as eq 5 writes it).
 §3.2  MFF: a GRU over each fused stream (eq 8, one GRU shared by the streams as written), a
       second graph over the streams with speaker embeddings and the same edge rules and its GCN
@@ -15,8 +15,11 @@
 §3.3  MAL: C_1 = ATT_1(E(MF)), C_i = ATT_i([C_{i-1}, h(VA)]) with multi-head self-attention over
       the dialogue, E(MM) = [C_l, h(Bt)] (eq 13), FC layers -> logits; CE + λm1·‖E(MM)‖₁ (eqs 14-15).
 
-The paper trains PMF first and the rest afterwards; here both objectives are summed and trained
-jointly (the PMF heads are auxiliary; the logits come from MAL). The L2 terms are the
+The paper trains PMF on its own objective first and feeds the fused features it then produces to
+MFF (§3.1.3: "by optimising the designed PMF ... then obtaining the fused feature E(m1m2)"). Here
+both run in one training loop with the same separation: MFF / MAL read E(pair) through a stop-
+gradient, so PMF learns only from eq 7 and MAL only from eq 15 (``joint_pmf=True`` lets MAL's loss
+reach PMF too). The logits come from MAL. The L2 terms are the
 optimizer's weight decay. All graphs are dense batched adjacency matrices; padding and missing
 modalities are nodes without edges whose outputs are zeroed. With two modalities there is one
 pair; h(VA) stands for the first pair without text (else the first pair); without text there is
@@ -157,6 +160,8 @@ class PairwiseConfig:
     density_weight: float = 2e-5  # λm1
     use_pair_loss: bool = True
     use_density: bool = True
+    joint_pmf: bool = False  # let MAL's loss train PMF too (the paper trains PMF on eq 7 alone; implied
+    # when use_pair_loss is off, since PMF then has no objective of its own)
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
@@ -191,7 +196,7 @@ class PairwiseFusion(nn.Module):
         )
         self.pair_graphs = nn.ModuleDict({pair_name(p): graph(2 * c.lstm_hidden_dim) for p in self.pairs})
         pair_width = 2 * self.pair_graphs[pair_name(self.pairs[0])].output_dim
-        self.pair_heads = nn.ModuleDict({pair_name(p): nn.Linear(pair_width, c.num_classes) for p in self.pairs})
+        self.pair_heads = nn.ModuleDict({pair_name(p): self.fc_head(pair_width) for p in self.pairs})
         self.stream_gru = RecurrentEncoder(pair_width, c.gru_hidden_dim, bidirectional=False, cell="gru")
         self.stream_graph = graph(c.gru_hidden_dim)
         fused_width = len(self.pairs) * self.stream_graph.output_dim
@@ -206,8 +211,13 @@ class PairwiseFusion(nn.Module):
         in_dims = [fused_width] + [c.model_dim + c.gru_hidden_dim] * (c.attention_layers - 1)
         self.attention = nn.ModuleList(SelfAttentionLayer(d, c.model_dim, c.attention_heads, c.dropout) for d in in_dims)
         final_width = c.model_dim + (c.gru_hidden_dim if self.has_text else 0)
-        self.classifier = nn.Sequential(
-            nn.Dropout(c.dropout), nn.Linear(final_width, c.classifier_hidden_dim), nn.ReLU(),
+        self.classifier = self.fc_head(final_width)
+
+    def fc_head(self, in_dim: int) -> nn.Sequential:
+        """FC layers → class logits: the PMF heads (Fig. 2) and the MAL classifier (eq 14)."""
+        c = self.config
+        return nn.Sequential(
+            nn.Dropout(c.dropout), nn.Linear(in_dim, c.classifier_hidden_dim), nn.ReLU(),
             nn.Dropout(c.dropout), nn.Linear(c.classifier_hidden_dim, c.num_classes),
         )
 
@@ -224,8 +234,10 @@ class PairwiseFusion(nn.Module):
             pair_fused[name] = self.pair_graphs[name](encoded, [valid[m] for m in p], speaker)
             pair_valid[name] = valid[p[0]] | valid[p[1]]
             pair_logits[name] = self.pair_heads[name](pair_fused[name])
-        names = list(pair_fused)  # MFF
-        hidden = {n: encode_groups(self.stream_gru, pair_fused[n], pair_valid[n]) for n in names}
+        names = list(pair_fused)  # MFF, on PMF's features as they stand (stop-gradient unless joint_pmf)
+        separate = c.use_pair_loss and not c.joint_pmf  # without its own loss PMF must learn from MAL's
+        streams = {n: f.detach() for n, f in pair_fused.items()} if separate else pair_fused
+        hidden = {n: encode_groups(self.stream_gru, streams[n], pair_valid[n]) for n in names}
         parts = [self.stream_graph([hidden[n] for n in names], [pair_valid[n] for n in names], speaker)]
         if self.has_text:
             text_hidden = encode_groups(self.text_gru, inputs["text"], valid["text"])

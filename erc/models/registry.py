@@ -95,12 +95,24 @@ def _preset(name: str, preset: str | None) -> dict[str, Any]:
 
 
 def _typed(cls: type, values: dict[str, Any], what: str) -> dict[str, Any]:
-    """Check field names and turn YAML lists into tuples where the field is a tuple."""
+    """Check field names, turn YAML lists into tuples where the field is a tuple, and read numbers
+    written as strings (YAML 1.1 loads ``1e-3``, without a dot, as the string "1e-3")."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{what}: unknown option(s) {', '.join(unknown)}")
-    return {k: tuple(v) if isinstance(v, list) and "tuple" in str(fields[k].type) else v for k, v in values.items()}
+    typed = {}
+    for key, value in values.items():
+        kind = str(fields[key].type)
+        if isinstance(value, list) and "tuple" in kind:
+            value = tuple(value)
+        elif kind in ("float", "int", "float | None", "int | None") and isinstance(value, str):
+            try:
+                value = float(value) if kind.startswith("float") else int(value)
+            except ValueError:
+                raise ConfigError(f"{what}: {key} must be a number, got {value!r}") from None
+        typed[key] = value
+    return typed
 
 
 def build_config(

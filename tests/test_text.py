@@ -12,6 +12,7 @@ from erc.errors import ConfigError
 from erc.features.text import (
     TextConfig,
     TextExtractor,
+    pool_states,
     build_context_input,
     encode_dialogue_inputs,
     segment_template,
@@ -44,7 +45,7 @@ def minilm_tokenizer():
 
 def test_roberta_segments_use_double_separator(tiny_roberta):
     tokenizer = AutoTokenizer.from_pretrained(tiny_roberta)
-    ids = build_context_input(tokenizer, SPEAKERS, TEXTS, 1, 512)
+    ids = build_context_input(tokenizer, SPEAKERS, TEXTS, 1, 512).ids
     assert tokenizer.decode(ids) == (
         "<s> Ross: We were on a break!</s></s> Rachel: No we were not.</s></s>"
         " Ross: Yes we were! Joey: How you doin'?</s>"
@@ -57,7 +58,7 @@ def test_roberta_segments_use_double_separator(tiny_roberta):
 @pytest.mark.parametrize("directory", ["tiny_bert", "minilm"])
 def test_bert_segments_use_cls_and_sep(directory, request):
     tokenizer = AutoTokenizer.from_pretrained(MINILM if directory == "minilm" else request.getfixturevalue(directory))
-    ids = build_context_input(tokenizer, SPEAKERS, TEXTS, 2, 512)
+    ids = build_context_input(tokenizer, SPEAKERS, TEXTS, 2, 512).ids
     assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
     assert ids.count(tokenizer.sep_token_id) == 3
     past, current, future = tokenizer.decode(ids[1:-1]).split(" [SEP] ")
@@ -67,16 +68,18 @@ def test_bert_segments_use_cls_and_sep(directory, request):
 
 
 def test_first_and_last_utterances_get_empty_segments(minilm_tokenizer):
-    first = minilm_tokenizer.decode(build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 0, 512))
-    last = minilm_tokenizer.decode(build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 3, 512))
+    first = minilm_tokenizer.decode(build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 0, 512).ids)
+    last = minilm_tokenizer.decode(build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 3, 512).ids)
     assert first.startswith("[CLS] [SEP] ross : we were on a break! [SEP] rachel")
     assert last.endswith("[SEP] joey : how you doin '? [SEP] [SEP]")
 
 
 def test_without_context_input_is_the_tokenizers_single_encoding(minilm_tokenizer, tiny_roberta):
     for tokenizer in (minilm_tokenizer, AutoTokenizer.from_pretrained(tiny_roberta)):
-        ids = build_context_input(tokenizer, SPEAKERS, TEXTS, 1, 512, context=False)
+        ids = build_context_input(tokenizer, SPEAKERS, TEXTS, 1, 512, context=False).ids
         assert ids == tokenizer(" Rachel: No we were not.")["input_ids"]
+        item = build_context_input(tokenizer, SPEAKERS, TEXTS, 1, 512, context=False)
+        assert (item.start, item.end) == (1, len(ids) - 1)
 
 
 def long_dialogue(n: int = 30) -> tuple[list[str], list[str]]:
@@ -91,7 +94,9 @@ def test_truncation_cuts_far_ends_and_keeps_current(minilm_tokenizer, index, max
     full_future = minilm_tokenizer(" ".join(lines[index + 1 :]), add_special_tokens=False)["input_ids"]
     current_ids = minilm_tokenizer(lines[index], add_special_tokens=False)["input_ids"]
 
-    ids = build_context_input(minilm_tokenizer, speakers, texts, index, max_length)
+    item = build_context_input(minilm_tokenizer, speakers, texts, index, max_length)
+    ids = item.ids
+    assert ids[item.start : item.end] == current_ids  # the span marks the current utterance
     assert len(ids) == max_length  # the context is longer than the room: the room is filled
     sep = minilm_tokenizer.sep_token_id
     first_sep = ids.index(sep)
@@ -108,7 +113,7 @@ def test_truncation_cuts_far_ends_and_keeps_current(minilm_tokenizer, index, max
 def test_overlong_current_utterance_loses_its_tail_only(minilm_tokenizer):
     speakers, texts = long_dialogue(5)
     texts[2] = " ".join(f"word{k}" for k in range(200))
-    ids = build_context_input(minilm_tokenizer, speakers, texts, 2, 48)
+    ids = build_context_input(minilm_tokenizer, speakers, texts, 2, 48).ids
     assert len(ids) == 48
     assert ids[:2] == [minilm_tokenizer.cls_token_id, minilm_tokenizer.sep_token_id]  # no past left
     assert ids[-2:] == [minilm_tokenizer.sep_token_id] * 2  # no future left
@@ -120,7 +125,7 @@ def test_encode_dialogue_inputs_pads_in_dialogue_order(minilm_tokenizer):
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     assert batch["input_ids"].shape == (4, max(lengths))
     for i, length in enumerate(lengths):
-        alone = build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, i, 24, context=False)
+        alone = build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, i, 24, context=False).ids
         assert batch["input_ids"][i, :length].tolist() == alone
         assert (batch["input_ids"][i, length:] == minilm_tokenizer.pad_token_id).all()
 
@@ -129,9 +134,9 @@ def test_template_and_length_errors(minilm_tokenizer):
     template = segment_template(minilm_tokenizer)
     assert (template.prefix, template.middle, template.suffix) == ((101,), (102,), (102,))
     with pytest.raises(ConfigError, match="max_length 4"):
-        build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 1, 4)
+        build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 1, 4).ids
     with pytest.raises(IndexError):
-        build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 4, 64)
+        build_context_input(minilm_tokenizer, SPEAKERS, TEXTS, 4, 64).ids
 
 
 @pytest.mark.parametrize("context", [True, False])
@@ -143,7 +148,7 @@ def test_tiny_encoder_extraction(tiny_roberta, context):
     # the vector is the last layer's first-token state of the utterance's own input
     model = AutoModel.from_pretrained(tiny_roberta).eval()
     for index in range(len(TEXTS)):
-        ids = torch.tensor([build_context_input(extractor.tokenizer, SPEAKERS, TEXTS, index, 64, context)])
+        ids = torch.tensor([build_context_input(extractor.tokenizer, SPEAKERS, TEXTS, index, 64, context).ids])
         with torch.inference_mode():
             expected = model(input_ids=ids).last_hidden_state[0, 0].numpy()
         np.testing.assert_allclose(features[index], expected, atol=1e-5)
@@ -191,3 +196,39 @@ def test_bad_text_config(tmp_path, tiny_roberta):
         TextExtractor(TextConfig(model=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="max_length 1024"):
         TextExtractor(TextConfig(model=str(tiny_roberta), max_length=1024))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "utterance"])
+def test_pooled_vector_is_the_masked_mean_of_the_last_layer(tiny_roberta, pooling):
+    extractor = TextExtractor(TextConfig(model=str(tiny_roberta), max_length=32, batch_size=3, pooling=pooling))
+    features = extractor.extract_dialogue(SPEAKERS, TEXTS)
+    model = AutoModel.from_pretrained(tiny_roberta).eval()
+    for index in range(len(TEXTS)):
+        item = build_context_input(extractor.tokenizer, SPEAKERS, TEXTS, index, 32)
+        with torch.inference_mode():
+            hidden = model(input_ids=torch.tensor([item.ids])).last_hidden_state[0]
+        rows = hidden[item.start : item.end] if pooling == "utterance" else hidden
+        np.testing.assert_allclose(features[index], rows.mean(0).numpy(), atol=1e-5)
+    assert extractor.info()["pooling"] == pooling
+    first = TextExtractor(TextConfig(model=str(tiny_roberta), max_length=32)).extract_dialogue(SPEAKERS, TEXTS)
+    assert np.abs(first - features).max() > 1e-3
+
+
+def test_pool_states_falls_back_to_all_tokens_for_an_empty_utterance_and_rejects_unknown_pooling():
+    hidden = torch.arange(12.0).reshape(1, 3, 4)
+    batch = {"attention_mask": torch.tensor([[1, 1, 0]]), "utterance_mask": torch.zeros(1, 3, dtype=torch.long)}
+    torch.testing.assert_close(pool_states(hidden, batch, "utterance"), hidden[:, :2].mean(1))
+    with pytest.raises(ConfigError, match="pooling"):
+        pool_states(hidden, batch, "max")
+
+
+def test_pooling_defaults_to_what_the_encoder_was_fine_tuned_with(tiny_roberta, tmp_path):
+    import json
+    import shutil
+
+    finetuned = tmp_path / "finetuned"
+    shutil.copytree(tiny_roberta, finetuned)
+    (finetuned / "finetune.json").write_text(json.dumps({"config": {"pooling": "utterance"}}))
+    assert TextExtractor(TextConfig(model=str(finetuned))).config.pooling == "utterance"
+    assert TextExtractor(TextConfig(model=str(finetuned), pooling="first")).config.pooling == "first"
+    assert TextExtractor(TextConfig(model=str(tiny_roberta))).config.pooling == "first"

@@ -44,6 +44,7 @@ def extract_command(
     manifest: Annotated[Path | None, typer.Option(help="manifest CSV (dataset=manifest; default ROOT/manifest.csv)")] = None,
     text_model: Annotated[str, typer.Option(help="Hugging Face encoder name or local directory")] = "roberta-base",
     text_max_length: Annotated[int, typer.Option(help="tokens of each context input (current utterance kept whole)")] = 512,
+    text_pooling: Annotated[str | None, typer.Option(help="first | mean | utterance (default: the fine-tuned one, else first)")] = None,
     face_weights: Annotated[Path | None, typer.Option(help="ResNet-101 state dict (torchvision or MultiEMO layout)")] = None,
     random_face_weights: Annotated[bool, typer.Option(help="untrained ResNet-101 (testing only; recorded in the shards)")] = False,
     faces: Annotated[str, typer.Option(help="all | largest: faces averaged per frame")] = "all",
@@ -66,7 +67,7 @@ def extract_command(
     try:
         config = ExtractConfig(
             dataset=dataset, root=root, out=out, manifest=manifest, text_model=text_model, text_max_length=text_max_length,
-            face_weights=face_weights,
+            text_pooling=text_pooling, face_weights=face_weights,
             random_face_weights=random_face_weights, faces=faces, num_frames=num_frames,
             modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), label_set=label_set,
             precision=precision, workers=workers, scheduler=scheduler, device=device, limit=limit,

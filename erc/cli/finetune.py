@@ -23,6 +23,7 @@ def finetune_text_command(
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate")] = 2e-5,
     batch_size: Annotated[int, typer.Option(help="utterances per step")] = 16,
     max_length: Annotated[int, typer.Option(help="tokens of the context input (use the same for extraction)")] = 128,
+    pooling: Annotated[str, typer.Option(help="first | mean | utterance: how the head reads the encoder")] = "first",
     train_layers: Annotated[int | None, typer.Option(help="train only the top N encoder layers (default: all)")] = None,
     max_steps: Annotated[int | None, typer.Option(help="stop after N optimizer steps (e.g. to time a short run)")] = None,
     eval_steps: Annotated[int | None, typer.Option(help="evaluate the dev loss every N steps (default: each epoch)")] = None,
@@ -36,7 +37,8 @@ def finetune_text_command(
     try:
         config = FinetuneConfig(
             dataset=dataset, root=root, text_model=text_model, out=out, manifest=manifest, label_set=label_set,
-            epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, train_layers=train_layers,
+            epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, pooling=pooling,
+            train_layers=train_layers,
             max_steps=max_steps, eval_steps=eval_steps, patience=patience, device=device, seed=seed,
         )
         with Progress(

@@ -1,6 +1,7 @@
 """Fine-tune a text encoder as an utterance emotion classifier (MultiEMO §3.3.1; xLSTM-MultiEMO §4.2).
 
-The classifier is the encoder's last-layer first-token state followed by dropout and a linear head,
+The classifier is the encoder's pooled last-layer state (first token by default, as the papers;
+``pooling`` as in extraction) followed by dropout and a linear head,
 fed the very inputs that extraction builds (:func:`erc.features.text.context_inputs`): the utterance
 with its past and future context. Training follows the papers: AdamW, lr 2e-5, batch 16, 128 tokens,
 linear warm-up over the first 10% of steps then linear decay, 3 epochs, early stopping on the dev
@@ -28,11 +29,20 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
 
 from erc.errors import ConfigError
-from erc.features.text import _pad_id, context_inputs, pad_sequences
+from erc.features.text import (
+    FINETUNE_INFO_FILE,
+    POOLINGS,
+    ContextInput,
+    context_inputs,
+    encoder_inputs,
+    pad_inputs,
+    pad_token_id,
+    pool_states,
+)
 from erc.pipeline.corpus import Corpus, Dialogue, load_corpus
 
 HEAD_FILE = "classifier.pt"
-INFO_FILE = "finetune.json"
+INFO_FILE = FINETUNE_INFO_FILE
 DEV_FRACTION = 0.1
 
 
@@ -54,6 +64,7 @@ class FinetuneConfig:
     batch_size: int = 16
     max_length: int = 128
     context: bool = True
+    pooling: str = "first"
     warmup_fraction: float = 0.1
     patience: int = 1
     train_layers: int | None = None
@@ -71,6 +82,8 @@ class FinetuneConfig:
             raise ConfigError(f"--train-layers must be at least 0, got {self.train_layers}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} asked for but CUDA is not available")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
 
 
 @dataclass
@@ -86,17 +99,20 @@ class FinetuneResult:
 
 
 class UtteranceClassifier(nn.Module):
-    """Encoder → last-layer first-token state → dropout → linear head over the emotion classes."""
+    """Encoder → pooled last-layer state → dropout → linear head over the emotion classes."""
 
-    def __init__(self, encoder: PreTrainedModel, num_classes: int) -> None:
+    def __init__(self, encoder: PreTrainedModel, num_classes: int, pooling: str = "first") -> None:
         super().__init__()
         self.encoder = encoder
+        self.pooling = pooling
         self.dropout = nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
         self.head = nn.Linear(encoder.config.hidden_size, num_classes)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        state = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
-        return self.head(self.dropout(state))
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``batch`` as :func:`erc.features.text.pad_inputs` makes it → logits (B, classes)."""
+        device = self.head.weight.device
+        hidden = self.encoder(**encoder_inputs(batch, device)).last_hidden_state
+        return self.head(self.dropout(pool_states(hidden, batch, self.pooling)))
 
 
 def encoder_layers(encoder: PreTrainedModel) -> nn.ModuleList:
@@ -122,7 +138,7 @@ def freeze_below(encoder: PreTrainedModel, train_layers: int) -> None:
 class Examples:
     """Utterance inputs (token ids with context) and their label indices."""
 
-    inputs: list[list[int]]
+    inputs: list[ContextInput]
     labels: list[int]
 
 
@@ -159,7 +175,7 @@ def split_dialogues(corpus: Corpus, seed: int) -> tuple[list[Dialogue], list[Dia
 def _batches(examples: Examples, batch_size: int, pad_id: int, order: list[int]):
     for first in range(0, len(order), batch_size):
         rows = order[first : first + batch_size]
-        batch = pad_sequences([examples.inputs[i] for i in rows], pad_id)
+        batch = pad_inputs([examples.inputs[i] for i in rows], pad_id)
         yield batch, torch.tensor([examples.labels[i] for i in rows])
 
 
@@ -168,10 +184,10 @@ def evaluate_classifier(model: UtteranceClassifier, examples: Examples, batch_si
                         device: str) -> dict[str, float]:
     """Mean cross-entropy, weighted F1 and accuracy over ``examples`` (batched by length: less padding)."""
     model.eval()
-    order = sorted(range(len(examples.labels)), key=lambda i: len(examples.inputs[i]))
+    order = sorted(range(len(examples.labels)), key=lambda i: len(examples.inputs[i].ids))
     loss_sum, predicted = 0.0, np.empty(len(order), dtype=np.int64)
     for first, (batch, labels) in zip(range(0, len(order), batch_size), _batches(examples, batch_size, pad_id, order)):
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
+        logits = model(batch).float().cpu()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         predicted[order[first : first + batch_size]] = logits.argmax(-1).numpy()
     true = np.asarray(examples.labels)
@@ -203,8 +219,8 @@ def finetune(config: FinetuneConfig, on_step: Callable[[int, int, float], None] 
         raise ConfigError(f"cannot load text encoder {config.text_model!r}: {error}") from error
     if config.train_layers is not None:
         freeze_below(encoder, config.train_layers)
-    model = UtteranceClassifier(encoder, len(corpus.label_names)).to(config.device)
-    pad_id = _pad_id(tokenizer)
+    model = UtteranceClassifier(encoder, len(corpus.label_names), config.pooling).to(config.device)
+    pad_id = pad_token_id(tokenizer)
     train, dev = (build_examples(tokenizer, ds, corpus.label_names, config.max_length, config.context)
                   for ds in (train_dialogues, dev_dialogues))
     if not train.labels or not dev.labels:
@@ -234,7 +250,7 @@ def finetune(config: FinetuneConfig, on_step: Callable[[int, int, float], None] 
         for batch, labels in _batches(train, config.batch_size, pad_id, order):
             model.train()
             tick = time.perf_counter()
-            logits = model(**{k: v.to(config.device) for k, v in batch.items()})
+            logits = model(batch)
             loss = nn.functional.cross_entropy(logits, labels.to(config.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,18 +1,24 @@
-"""Utterance text in its dialogue context → first-token state of a pretrained encoder (MultiEMO §3.3.1).
+"""Utterance text in its dialogue context → a vector from a pretrained encoder (MultiEMO §3.3.1).
 
 Following Kim and Vossen (2021), utterance *i* is written ``"Speaker: text"`` and fed together with its
 context as three segments — preceding utterances, the utterance itself, following utterances — joined
 the way the tokenizer joins a sentence pair: ``[CLS] past [SEP] current [SEP] future [SEP]`` for BERT,
 ``<s> past </s></s> current </s></s> future </s>`` for RoBERTa. When the input is too long, context is
 cut at its far ends (earliest past tokens, latest future tokens) and the current utterance is kept whole.
-The last layer's first-token state is the utterance's vector. The same inputs serve fine-tuning.
+The utterance's vector is pooled from the last layer (``pooling``): the first-token state, as the
+papers do with a fine-tuned RoBERTa (``first``); the mean over all tokens, as sentence encoders are
+trained (``mean``); or the mean over the current utterance's tokens only, contextualised by the
+segments around it (``utterance``). The same inputs and pooling serve fine-tuning.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +30,16 @@ from erc.errors import ConfigError
 from erc.provenance import sha256_file
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+POOLINGS = ("first", "mean", "utterance")
+FINETUNE_INFO_FILE = "finetune.json"  # written by erc finetune-text beside the encoder (records its pooling)
+
+
+class ContextInput(NamedTuple):
+    """Encoder input ids of one utterance; ``ids[start:end]`` are the current utterance's tokens."""
+
+    ids: list[int]
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,7 @@ def tokenize_utterances(
 
 def assemble_context_input(
     template: SegmentTemplate, utterances: list[list[int]], index: int, max_length: int, context: bool = True
-) -> list[int]:
+) -> ContextInput:
     """Input ids for utterance ``index`` from a dialogue's tokenized utterances, at most ``max_length`` long.
 
     Without ``context`` that is the tokenizer's single-segment input of the utterance. With it, the
@@ -94,18 +110,21 @@ def assemble_context_input(
         budget = max_length - len(template.single_prefix) - len(template.single_suffix)
     if budget <= 0:
         raise ConfigError(f"max_length {max_length} leaves no room for text between the special tokens")
-    if not context:
-        return [*template.single_prefix, *utterances[index][:budget], *template.single_suffix]
     current = utterances[index][:budget]
+    if not context:
+        start = len(template.single_prefix)
+        return ContextInput([*template.single_prefix, *current, *template.single_suffix], start, start + len(current))
     past = [token for utterance in utterances[:index] for token in utterance]
     future = [token for utterance in utterances[index + 1 :] for token in utterance]
     room = budget - len(current)
     past_kept = min(len(past), max(room // 2, room - len(future)))
     future_kept = min(len(future), room - past_kept)
-    return [
+    ids = [
         *template.prefix, *past[len(past) - past_kept :], *template.middle,
         *current, *template.middle, *future[:future_kept], *template.suffix,
     ]  # fmt: skip
+    start = len(template.prefix) + past_kept + len(template.middle)
+    return ContextInput(ids, start, start + len(current))
 
 
 def build_context_input(
@@ -115,7 +134,7 @@ def build_context_input(
     index: int,
     max_length: int,
     context: bool = True,
-) -> list[int]:
+) -> ContextInput:
     """Input ids for utterance ``index`` of a dialogue: past / current / future segments, or it alone."""
     if not 0 <= index < len(texts):
         raise IndexError(f"utterance index {index} outside a dialogue of {len(texts)}")
@@ -125,51 +144,90 @@ def build_context_input(
 
 def context_inputs(
     tokenizer: PreTrainedTokenizerBase, speakers: list[str], texts: list[str], max_length: int, context: bool = True
-) -> list[list[int]]:
-    """Input ids of every utterance of a dialogue (tokenizing it once)."""
+) -> list[ContextInput]:
+    """Inputs of every utterance of a dialogue (tokenizing it once)."""
     utterances = tokenize_utterances(tokenizer, speakers, texts)
     template = segment_template(tokenizer)
     return [assemble_context_input(template, utterances, i, max_length, context) for i in range(len(utterances))]
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's padding id, or 0 when it has none (padding is masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def pad_sequences(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad id lists into ``input_ids`` and ``attention_mask`` (batch, longest) tensors."""
-    longest = max((len(sequence) for sequence in sequences), default=0)
-    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+def pad_inputs(inputs: list[ContextInput], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad inputs into ``input_ids``, ``attention_mask`` and ``utterance_mask`` (batch, longest)."""
+    longest = max((len(item.ids) for item in inputs), default=0)
+    input_ids = torch.full((len(inputs), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(inputs), longest), dtype=torch.long)
+    utterance_mask = torch.zeros((len(inputs), longest), dtype=torch.long)
+    for row, item in enumerate(inputs):
+        input_ids[row, : len(item.ids)] = torch.tensor(item.ids, dtype=torch.long)
+        attention_mask[row, : len(item.ids)] = 1
+        utterance_mask[row, item.start : item.end] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "utterance_mask": utterance_mask}
 
 
 def encode_dialogue_inputs(
     tokenizer: PreTrainedTokenizerBase, speakers: list[str], texts: list[str], max_length: int, context: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Padded ``input_ids`` / ``attention_mask`` for all utterances of a dialogue, in dialogue order."""
-    return pad_sequences(context_inputs(tokenizer, speakers, texts, max_length, context), _pad_id(tokenizer))
+    """Padded ``input_ids`` / ``attention_mask`` / ``utterance_mask`` for a dialogue, in dialogue order."""
+    return pad_inputs(context_inputs(tokenizer, speakers, texts, max_length, context), pad_token_id(tokenizer))
+
+
+def pool_states(hidden: torch.Tensor, batch: dict[str, torch.Tensor], pooling: str) -> torch.Tensor:
+    """(B, T, D) last-layer states → (B, D): first token, mean of all tokens, or mean of the utterance's."""
+    if pooling == "first":
+        return hidden[:, 0]
+    if pooling not in POOLINGS:
+        raise ConfigError(f"text pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    attention = batch["attention_mask"].to(hidden).unsqueeze(-1)
+    mask = attention if pooling == "mean" else batch["utterance_mask"].to(hidden).unsqueeze(-1)
+    mask = torch.where(mask.sum(1, keepdim=True) > 0, mask, attention)  # an empty utterance: all its tokens
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def encoder_inputs(batch: dict[str, torch.Tensor], device: str | torch.device) -> dict[str, torch.Tensor]:
+    """What the encoder itself takes from a padded batch, on ``device``."""
+    return {name: batch[name].to(device) for name in ("input_ids", "attention_mask")}
+
+
+def finetuned_pooling(name_or_dir: str) -> str | None:
+    """The pooling a directory written by ``erc finetune-text`` was trained with (None otherwise)."""
+    info = Path(name_or_dir).expanduser() / FINETUNE_INFO_FILE
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text()).get("config", {}).get("pooling", "first")
+
+
+def resolve_pooling(pooling: str | None, name_or_dir: str) -> str:
+    """``pooling``, or when None the one the encoder was fine-tuned with, else ``first`` (the papers')."""
+    resolved = pooling or finetuned_pooling(name_or_dir) or "first"
+    if resolved not in POOLINGS:
+        raise ConfigError(f"text pooling must be one of {', '.join(POOLINGS)}, got {resolved!r}")
+    return resolved
 
 
 @dataclass
 class TextConfig:
-    """Encoder (Hugging Face name or local directory) and how utterances are fed to it."""
+    """Encoder (Hugging Face name or local directory), how utterances are fed to it and pooled.
+    ``pooling`` None: what the encoder was fine-tuned with (``finetune.json``), else ``first``."""
 
     model: str = "roberta-base"
     max_length: int = 512
     batch_size: int = 16
     device: str = "cpu"
     context: bool = True
+    pooling: str | None = None
 
 
 class TextExtractor:
-    """A dialogue's utterances → one vector each: the encoder's last-layer first-token state."""
+    """A dialogue's utterances → one vector each, pooled from the encoder's last layer."""
 
     def __init__(self, config: TextConfig | None = None) -> None:
-        self.config = config = config or TextConfig()
+        config = config or TextConfig()
+        self.config = config = dataclasses.replace(config, pooling=resolve_pooling(config.pooling, config.model))
         if config.batch_size < 1:
             raise ConfigError(f"text batch_size must be at least 1, got {config.batch_size}")
         if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -196,15 +254,15 @@ class TextExtractor:
     def extract_dialogue(self, speakers: list[str], texts: list[str]) -> np.ndarray:
         """Vectors ``(len(texts), dim)`` float32 for a dialogue's utterances, in dialogue order."""
         config = self.config
-        sequences = context_inputs(self.tokenizer, speakers, texts, config.max_length, config.context)
-        features = np.empty((len(sequences), self.dim), dtype=np.float32)
-        by_length = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # less padding per batch
+        inputs = context_inputs(self.tokenizer, speakers, texts, config.max_length, config.context)
+        features = np.empty((len(inputs), self.dim), dtype=np.float32)
+        by_length = sorted(range(len(inputs)), key=lambda i: len(inputs[i].ids))  # less padding per batch
         with torch.inference_mode():
             for first in range(0, len(by_length), config.batch_size):
                 rows = by_length[first : first + config.batch_size]
-                batch = pad_sequences([sequences[i] for i in rows], _pad_id(self.tokenizer))
-                hidden = self.model(**{name: tensor.to(config.device) for name, tensor in batch.items()})
-                features[rows] = hidden.last_hidden_state[:, 0].float().cpu().numpy()
+                batch = pad_inputs([inputs[i] for i in rows], pad_token_id(self.tokenizer))
+                hidden = self.model(**encoder_inputs(batch, config.device)).last_hidden_state
+                features[rows] = pool_states(hidden, batch, config.pooling).float().cpu().numpy()
         return features
 
     def info(self) -> dict:
@@ -216,7 +274,6 @@ class TextExtractor:
             **asdict(self.config),
             "model_type": self.model.config.model_type,
             "hidden_size": self.dim,
-            "pooling": "last layer, first token",
             "weights_sha256": self._weights_sha256,
             "transformers_version": transformers.__version__,
         }

@@ -48,6 +48,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_FACE_SIDE = 4
 """Boxes narrower or shorter than this many pixels once clipped to the frame are not faces."""
+MTCNN_WEIGHTS = f"facenet-pytorch {version('facenet-pytorch')} (bundled pnet/rnet/onet weights)"
 
 
 @dataclass
@@ -187,7 +188,7 @@ class VisualExtractor:
             "face_weights": self.config.face_weights or "random",
             "face_weights_sha256": self._weights_sha256,
             "seed": self.config.seed,
-            "mtcnn": f"facenet-pytorch {version('facenet-pytorch')} (bundled weights)",
+            "mtcnn": MTCNN_WEIGHTS,
         }
 
     def extract(self, video: Path, start: float | None = None, end: float | None = None) -> VisualFeatures:

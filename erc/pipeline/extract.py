@@ -48,6 +48,7 @@ class ExtractConfig:
     text_model: str = DEFAULT_TEXT_MODEL
     text_max_length: int = 512
     text_context: bool = True
+    text_pooling: str | None = None
     face_weights: Path | None = None
     random_face_weights: bool = False
     faces: str = "all"
@@ -69,6 +70,10 @@ class ExtractConfig:
         unknown = set(self.modalities) - set(MODALITIES)
         if unknown or not self.modalities:
             raise ConfigError(f"--modalities must be a subset of {','.join(MODALITIES)}, got {','.join(self.modalities)}")
+        if "text" in self.modalities:
+            from erc.features.text import resolve_pooling
+
+            self.text_pooling = resolve_pooling(self.text_pooling, self.text_model)
         if self.faces not in ("all", "largest"):
             raise ConfigError(f"--faces must be 'all' or 'largest', got {self.faces!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -84,13 +89,24 @@ class ExtractConfig:
                 if not self.face_weights.is_file():
                     raise ConfigError(f"--face-weights {self.face_weights}: no such file")
 
+    def worker_settings(self, device: str, threads: int) -> WorkerSettings:
+        """What a worker process needs to build the extractors of this configuration."""
+        return WorkerSettings(
+            modalities=self.modalities, text_model=self.text_model, text_max_length=self.text_max_length,
+            text_context=self.text_context, text_pooling=self.text_pooling,
+            face_weights=str(self.face_weights) if self.face_weights else None,
+            random_face_weights=self.random_face_weights, faces=self.faces, num_frames=self.num_frames,
+            precision=self.precision, seed=self.seed, device=device, threads=threads,
+        )
+
     def feature_config(self, weights: dict[str, Any]) -> dict[str, Any]:
         """What the features depend on (hashed to decide whether a shard on disk can be reused)."""
         return {
             "dataset": self.dataset,
             "label_set": self.label_set,
             "modalities": list(self.modalities),
-            "text": {"model": self.text_model, "max_length": self.text_max_length, "context": self.text_context},
+            "text": {"model": self.text_model, "max_length": self.text_max_length, "context": self.text_context,
+                     "pooling": self.text_pooling},
             "audio": {"feature_set": "ComParE_2016", "level": "functionals", "sample_rate": 16000},
             "visual": {"faces": self.faces, "num_frames": self.num_frames, "precision": self.precision, "seed": self.seed},
             "limit": self.limit,
@@ -126,6 +142,7 @@ class WorkerSettings:
     text_model: str
     text_max_length: int
     text_context: bool
+    text_pooling: str | None
     face_weights: str | None
     random_face_weights: bool
     faces: str
@@ -154,7 +171,7 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
 
             built["text"] = TextExtractor(
                 TextConfig(model=settings.text_model, max_length=settings.text_max_length,
-                           context=settings.text_context, device=settings.device)
+                           context=settings.text_context, pooling=settings.text_pooling, device=settings.device)
             )
         if "audio" in settings.modalities:
             from erc.features.audio import AudioConfig, AudioExtractor
@@ -242,6 +259,7 @@ def _plan(corpus: Corpus, dialogues_per_shard: int) -> dict[str, list[Dialogue]]
 def collect_weights(config: ExtractConfig) -> dict[str, Any]:
     """Provenance of every weight file the features depend on (sha256 where there is a file)."""
     from erc.features.text import encoder_weights_sha256
+    from erc.features.visual import MTCNN_WEIGHTS
     from erc.provenance import sha256_file
 
     weights: dict[str, Any] = {}
@@ -251,7 +269,7 @@ def collect_weights(config: ExtractConfig) -> dict[str, Any]:
             if config.face_weights is not None
             else {"file": None, "random_init_seed": config.seed}
         )
-        weights["mtcnn"] = "facenet-pytorch bundled pnet/rnet/onet"
+        weights["mtcnn"] = MTCNN_WEIGHTS
     if "text" in config.modalities:
         weights["text"] = {"model": config.text_model, "sha256": encoder_weights_sha256(config.text_model)}
     return weights
@@ -349,12 +367,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
     max_failures = config.max_failures if config.max_failures is not None else max(1, total // 10)
     if todo:
         threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, config.workers))
-        settings = WorkerSettings(
-            modalities=config.modalities, text_model=config.text_model, text_max_length=config.text_max_length,
-            text_context=config.text_context, face_weights=str(config.face_weights) if config.face_weights else None,
-            random_face_weights=config.random_face_weights, faces=config.faces, num_frames=config.num_frames,
-            precision=config.precision, seed=config.seed, device=config.device, threads=threads,
-        )
+        settings = config.worker_settings(config.device, threads)
         client, cluster = _client(config)
         try:
             futures = {

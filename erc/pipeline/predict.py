@@ -23,7 +23,7 @@ from erc.errors import ConfigError
 from erc.pipeline.corpus import Dialogue, read_manifest
 from erc.pipeline.data import collate_dialogues
 from erc.pipeline.evaluate import CHECKPOINT, load_checkpoint, load_model, resolve_device
-from erc.pipeline.extract import ExtractConfig, ShardPayload, WorkerSettings, collect_weights, extract_dialogues
+from erc.pipeline.extract import ExtractConfig, ShardPayload, collect_weights, extract_dialogues
 from erc.pipeline.shards import UtteranceRecord
 
 WEIGHT_KEYS = {"text": ("text",), "audio": (), "visual": ("face", "mtcnn")}
@@ -39,6 +39,7 @@ def recorded_extract_config(index: dict[str, Any], modalities: list[str], manife
             dataset="manifest", root=manifest.parent, out=manifest.parent, manifest=manifest,
             label_set=config["label_set"], modalities=tuple(modalities),
             text_model=text["model"], text_max_length=text["max_length"], text_context=text["context"],
+            text_pooling=text.get("pooling", "first"),
             face_weights=Path(face["file"]) if face.get("file") else None,
             random_face_weights="visual" in modalities and not face.get("file"),
             faces=visual["faces"], num_frames=visual["num_frames"], precision=visual["precision"], seed=visual["seed"],
@@ -78,12 +79,7 @@ def extract_conversation(
     corpus = read_manifest(Path(manifest), allow_unlabeled=True)
     unlabeled = [dataclasses.replace(d, utterances=[dataclasses.replace(u, label=None) for u in d.utterances])
                  for d in corpus.dialogues]  # the run's label names, not the manifest's, index the classes
-    settings = WorkerSettings(
-        modalities=config.modalities, text_model=config.text_model, text_max_length=config.text_max_length,
-        text_context=config.text_context, face_weights=str(config.face_weights) if config.face_weights else None,
-        random_face_weights=config.random_face_weights, faces=config.faces, num_frames=config.num_frames,
-        precision=config.precision, seed=config.seed, device=device, threads=torch.get_num_threads(),
-    )
+    settings = config.worker_settings(device, torch.get_num_threads())
     payload = extract_dialogues(unlabeled, checkpoint["label_names"], settings)
     for modality in modalities:
         if payload.dims[modality] != checkpoint["input_dims"][modality]:

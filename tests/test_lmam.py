@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from model_checks import assert_padding_and_missing_inputs_do_not_matter, parameters_without_gradient, random_batch
 from test_train import BATCH, DIMS, EPOCHS, LR, features  # noqa: F401  (shared synthetic shard set fixture)
 
 from erc.errors import ConfigError
@@ -19,16 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def random_batch(lengths, dims=DIMS, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    b, n = len(lengths), max(lengths)
-    mask = torch.arange(n).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-    batch = {m: torch.randn(b, n, d, generator=g) for m, d in dims.items()}
-    batch |= {f"{m}_mask": mask.clone() for m in dims}
-    return batch | {"mask": mask, "speaker": torch.arange(n).remainder(2).expand(b, n).clone(),
-                    "label": torch.randint(0, 3, (b, n), generator=g).masked_fill(~mask, -1)}
 
 
 def test_low_rank_weight_has_rank_r_and_few_parameters():
@@ -66,16 +57,7 @@ def test_fusion_uses_only_valid_keys_and_adds_a_residual():
 
 def test_padding_and_missing_modalities_do_not_change_outputs():
     torch.manual_seed(0)
-    net = build_model("lmam", input_dims=DIMS, num_classes=3, overrides=TINY).eval()
-    alone = random_batch([4])
-    alone["audio_mask"][0, 2] = False
-    padded = random_batch([4, 6], seed=1)
-    for key, value in alone.items():
-        padded[key][:1, :4] = value
-    padded["mask"][0, 4:] = False
-    padded["audio"][0, 2] = 100.0
-    with torch.no_grad():
-        torch.testing.assert_close(net(padded).logits[:1, :4], net(alone).logits)
+    assert_padding_and_missing_inputs_do_not_matter(build_model("lmam", input_dims=DIMS, num_classes=3, overrides=TINY).eval())
 
 
 def test_gradients_reach_every_parameter():
@@ -83,8 +65,7 @@ def test_gradients_reach_every_parameter():
     net = build_model("lmam", input_dims=DIMS, num_classes=3, overrides=TINY)
     batch = random_batch([5, 3])
     net.loss(net(batch), batch)["total"].backward()
-    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing, missing
+    assert not parameters_without_gradient(net)
 
 
 def test_lmam_fusion_beats_every_single_modality(features, tmp_path):  # noqa: F811

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_lmam import random_batch
+from model_checks import assert_padding_and_missing_inputs_do_not_matter, parameters_without_gradient, random_batch
 from test_train import BATCH, DIMS, LR, features  # noqa: F401  (shared synthetic shard set fixture)
 
 from erc.models.blocks import angular_similarity, normalized_adjacency
@@ -73,15 +73,7 @@ def test_density_loss_is_mean_l1_norm():
 def test_padding_and_missing_modalities_do_not_change_outputs():
     torch.manual_seed(0)
     net = build_model("pairwise", input_dims=DIMS, num_classes=3, overrides=TINY).eval()
-    alone = random_batch([4])
-    alone["visual_mask"][0, 1] = False
-    padded = random_batch([4, 6], seed=1)
-    for key, value in alone.items():
-        padded[key][:1, :4] = value
-    padded["mask"][0, 4:] = False
-    padded["visual"][0, 1] = 100.0
-    with torch.no_grad():
-        torch.testing.assert_close(net(padded).logits[:1, :4], net(alone).logits, atol=1e-5, rtol=1e-4)
+    assert_padding_and_missing_inputs_do_not_matter(net, missing=("visual", 1))
 
 
 def test_loss_terms_and_gradients_reach_every_parameter():
@@ -91,8 +83,7 @@ def test_loss_terms_and_gradients_reach_every_parameter():
     terms = net.loss(net(batch), batch)
     assert {"ce", "density", "ce_TA", "ce_TV", "ce_AV", "density_TA", "density_TV", "density_AV"} < set(terms)
     terms["total"].backward()
-    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing, missing
+    assert not parameters_without_gradient(net)
     off = build_model("pairwise", input_dims=DIMS, num_classes=3, overrides=TINY | {"use_density": False, "use_pair_loss": False})
     assert set(off.loss(off(batch), batch)) == {"ce", "total"}
 

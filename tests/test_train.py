@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from model_checks import DIMS
 from typer.testing import CliRunner
 
 from erc.cli.main import app
@@ -25,7 +26,6 @@ from erc.pipeline.evaluate import evaluate_run
 from erc.pipeline.shards import UtteranceRecord, build_index, config_hash, write_shard
 from erc.pipeline.train import TrainConfig, train
 
-DIMS = {"text": 16, "audio": 24, "visual": 12}
 LABELS = ["zero", "one", "two"]
 TINY = {
     "text-only": {"hidden_dim": 16, "dropout": 0.0},

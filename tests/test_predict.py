@@ -134,3 +134,35 @@ def test_refuses_a_missing_text_model_directory_and_a_bad_output_name(run_dir, m
         predict_conversation(_tampered_run(run_dir, tmp_path, gone), manifest_path, device="cpu")
     with pytest.raises(ConfigError, match=r"\.csv or \.json"):
         predict_conversation(run_dir, manifest_path, tmp_path / "out.txt", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def visual_run(manifest_path, tiny_text_encoder, tmp_path_factory):
+    """A concat model on text + visual features extracted with a ResNet-101 weight file (4 frames)."""
+    from torchvision.models import resnet101
+
+    work = tmp_path_factory.mktemp("predict_visual")
+    torch.manual_seed(0)
+    torch.save(resnet101().state_dict(), work / "face.pt")
+    extract(ExtractConfig(dataset="manifest", root=manifest_path.parent, manifest=manifest_path, out=work / "shards",
+                          modalities=("text", "visual"), text_model=str(tiny_text_encoder), face_weights=work / "face.pt",
+                          num_frames=4, dialogues_per_shard=2))
+    train(TrainConfig(model="concat", features=work / "shards", out=work / "run", epochs=3, batch_size=2, lr=1e-2,
+                      device="cpu", model_overrides=CONCAT))
+    return work
+
+
+def test_visual_predictions_match_the_shards_and_changed_face_weights_are_refused(visual_run, manifest_path, tmp_path):
+    run = visual_run / "run"
+    rows = predict_conversation(run, manifest_path, device="cpu")
+    expected = shard_probabilities(run)
+    labels = load_checkpoint(run / "best.pt")["label_names"]
+    assert len(rows) == len(expected)
+    for row in rows:
+        got = np.array([row[f"p_{name}"] for name in labels])
+        np.testing.assert_allclose(got, expected[(row["dialogue_id"], row["utterance_index"])], atol=1e-4)
+    weights = torch.load(visual_run / "face.pt")
+    weights["fc.bias"] += 1.0  # the same file name, other weights
+    torch.save(weights, visual_run / "face.pt")
+    with pytest.raises(ConfigError, match="face weights differ"):
+        predict_conversation(run, manifest_path, device="cpu")

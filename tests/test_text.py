@@ -232,3 +232,16 @@ def test_pooling_defaults_to_what_the_encoder_was_fine_tuned_with(tiny_roberta, 
     assert TextExtractor(TextConfig(model=str(finetuned))).config.pooling == "utterance"
     assert TextExtractor(TextConfig(model=str(finetuned), pooling="first")).config.pooling == "first"
     assert TextExtractor(TextConfig(model=str(tiny_roberta))).config.pooling == "first"
+
+
+def test_an_uncached_hub_model_is_a_clear_error_not_an_empty_checksum(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    from erc.features.text import encoder_weights_sha256
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ConfigError, match="'someone/never-cached'.*not in the Hugging Face cache"):
+        encoder_weights_sha256("someone/never-cached")

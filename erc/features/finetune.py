@@ -180,8 +180,7 @@ def _batches(examples: Examples, batch_size: int, pad_id: int, order: list[int])
 
 
 @torch.no_grad()
-def evaluate_classifier(model: UtteranceClassifier, examples: Examples, batch_size: int, pad_id: int,
-                        device: str) -> dict[str, float]:
+def evaluate_classifier(model: UtteranceClassifier, examples: Examples, batch_size: int, pad_id: int) -> dict[str, float]:
     """Mean cross-entropy, weighted F1 and accuracy over ``examples`` (batched by length: less padding)."""
     model.eval()
     order = sorted(range(len(examples.labels)), key=lambda i: len(examples.inputs[i].ids))
@@ -240,7 +239,7 @@ def finetune(config: FinetuneConfig, on_step: Callable[[int, int, float], None] 
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_fraction * total_steps), total_steps)
     generator = random.Random(config.seed)
 
-    best = evaluate_classifier(model, dev, config.batch_size, pad_id, config.device)
+    best = evaluate_classifier(model, dev, config.batch_size, pad_id)
     history = [{"step": 0, **{f"dev_{k}": v for k, v in best.items() if k != "utterances"}}]
     best_state, best_step, step, bad_evals, train_seconds, seen = copy.deepcopy(model.state_dict()), 0, 0, 0, 0.0, 0
     running = 0.0
@@ -251,7 +250,7 @@ def finetune(config: FinetuneConfig, on_step: Callable[[int, int, float], None] 
             model.train()
             tick = time.perf_counter()
             logits = model(batch)
-            loss = nn.functional.cross_entropy(logits, labels.to(config.device))
+            loss = nn.functional.cross_entropy(logits, labels.to(logits.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -263,7 +262,7 @@ def finetune(config: FinetuneConfig, on_step: Callable[[int, int, float], None] 
             if on_step is not None:
                 on_step(step, total_steps, loss.item())
             if step % eval_steps == 0 or step == total_steps:
-                dev_metrics = evaluate_classifier(model, dev, config.batch_size, pad_id, config.device)
+                dev_metrics = evaluate_classifier(model, dev, config.batch_size, pad_id)
                 history.append({"step": step, "train_loss": running / (step - history[-1]["step"]),
                                 **{f"dev_{k}": v for k, v in dev_metrics.items() if k != "utterances"}})
                 running = 0.0
@@ -279,7 +278,7 @@ def finetune(config: FinetuneConfig, on_step: Callable[[int, int, float], None] 
     test = None
     if any(u.label is not None for d in test_dialogues for u in d.utterances):
         test_examples = build_examples(tokenizer, test_dialogues, corpus.label_names, config.max_length, config.context)
-        test = evaluate_classifier(model, test_examples, config.batch_size, pad_id, config.device)
+        test = evaluate_classifier(model, test_examples, config.batch_size, pad_id)
     result = FinetuneResult(
         out=config.out, best_step=best_step, steps=step, dev=best, test=test, history=history,
         seconds=time.perf_counter() - started,

@@ -280,15 +280,31 @@ class TextExtractor:
 
 
 def encoder_weights_sha256(name_or_dir: str) -> dict[str, str]:
-    """sha256 of each weight file of a local model directory, or of a hub model's cached snapshot.
+    """sha256 of each weight file of a local model directory, or of a hub model's snapshot.
 
-    Empty when a hub model is not in the local cache (nothing on disk to hash yet).
+    A hub model that is not in the local cache is fetched first (its config and weights, as loading
+    it would), so that the checksum is of the weights the features come from; where the hub cannot
+    be reached that is a ConfigError naming the model, before any extraction starts.
     """
     directory = Path(name_or_dir).expanduser()
     if not directory.is_dir():
-        cached_config = try_to_load_from_cache(name_or_dir, "config.json")
-        if not isinstance(cached_config, str):
-            return {}
-        directory = Path(cached_config).parent
+        directory = hub_snapshot(name_or_dir)
     files = sorted({path for pattern in WEIGHT_FILE_PATTERNS for path in directory.glob(pattern)})
     return {path.name: sha256_file(path) for path in files}
+
+
+def hub_snapshot(name: str) -> Path:
+    """The local snapshot of hub model ``name`` with its weights (safetensors, else PyTorch .bin)."""
+    from huggingface_hub import snapshot_download
+
+    cached_config = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached_config, str) and any(Path(cached_config).parent.glob("*.safetensors")):
+        return Path(cached_config).parent
+    try:
+        directory = Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors"]))
+        if not any(directory.glob("*.safetensors")):
+            directory = Path(snapshot_download(name, allow_patterns=["config.json", "pytorch_model*.bin"]))
+    except Exception as error:  # offline, unknown repository, no access: all end the same way
+        raise ConfigError(f"text model {name!r}: not a local directory, not in the Hugging Face cache, and "
+                          f"the hub did not provide it ({type(error).__name__})") from error
+    return directory

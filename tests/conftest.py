@@ -1,4 +1,5 @@
-"""Session-wide fixtures: miniature corpora in the real IEMOCAP, MELD and manifest layouts.
+"""Session-wide fixtures: miniature corpora in the real IEMOCAP, MELD and manifest layouts, and a
+module-scoped single torch thread for the training tests.
 
 The trees are built once per test session with real synthetic media (erc.pipeline.synthetic); tests
 that modify files must work on their own copy.
@@ -51,3 +52,14 @@ def tiny_text_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from erc.features.tiny_models import build_tiny_text_encoder
 
     return build_tiny_text_encoder(tmp_path_factory.mktemp("tiny_text_encoder"), style="roberta")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (tiny tensors: threads only add synchronisation cost); restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

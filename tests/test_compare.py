@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 from test_train import DIMS, LABELS, TINY, features  # noqa: F401  (shared synthetic shard set fixture)
 from typer.testing import CliRunner
@@ -13,12 +12,7 @@ from erc.errors import ConfigError
 from erc.pipeline.compare import RunSpec, parse_run_spec, split_specs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_run_specs_reach_every_ablation():

@@ -14,12 +14,7 @@ from erc.pipeline.train import TrainConfig, train
 TINY = {"model_dim": 16, "rank": 4, "lstm_hidden_dim": 32, "classifier_hidden_dim": 64, "dropout": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_low_rank_weight_has_rank_r_and_few_parameters():

@@ -15,12 +15,7 @@ TINY = {"model_dim": 16, "num_heads": 2, "ffn_dim": 32, "num_layers": 1, "projec
         "classifier_hidden_dim": 32, "dropout": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def frame_batch(lengths, seed=0):

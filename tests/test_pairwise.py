@@ -17,12 +17,7 @@ TINY = {"lstm_hidden_dim": 8, "gcn_dim": 16, "gcn_layers": 2, "gru_hidden_dim": 
         "attention_heads": 2, "attention_layers": 2, "classifier_hidden_dim": 32, "dropout": 0.0, "num_speakers": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_edge_weight_is_one_minus_angle_over_pi():

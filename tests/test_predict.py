@@ -22,12 +22,7 @@ from erc.pipeline.train import TrainConfig, train
 CONCAT = {"projection_dim": 16, "hidden_dim": 16, "classifier_hidden_dim": 32, "dropout": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,7 @@ def run_demo(
     config = ExtractConfig(
         dataset="manifest", root=manifest.parent, manifest=manifest, out=out / "features",
         text_model=str(bundled_text_encoder()), random_face_weights=True, workers=workers, dialogues_per_shard=2,
+        text_pooling="utterance",  # MiniLM is trained as a mean-pooled sentence encoder: its first token is weak
     )
     extraction = extract(config, progress=progress)
     run_dir = out / "run"

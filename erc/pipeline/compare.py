@@ -50,7 +50,7 @@ from erc.errors import ConfigError
 from erc.models.registry import MODELS
 from erc.pipeline.evaluate import CHECKPOINT, load_checkpoint, load_model
 from erc.pipeline.plots import plt
-from erc.pipeline.train import TrainConfig, TrainResult, train
+from erc.pipeline.train import TrainConfig, TrainResult, read_yaml_mapping, train
 
 METRICS = ("weighted_f1", "accuracy")
 
@@ -171,12 +171,7 @@ def _config_files(config_file: Path | None, specs: list[RunSpec], out: Path) -> 
     """Per model, the YAML with model:/train: sections its runs read (None = presets only)."""
     if config_file is None:
         return {s.model: None for s in specs}
-    try:
-        values = yaml.safe_load(Path(config_file).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{config_file}: cannot read the compare config ({exc})") from exc
-    if not isinstance(values, dict):
-        raise ConfigError(f"{config_file}: expected a mapping")
+    values = read_yaml_mapping(config_file, "compare config")
     if set(values) <= {"model", "train"}:
         return {s.model: Path(config_file) for s in specs}
     unknown = sorted(set(values) - set(MODELS))

@@ -100,15 +100,21 @@ def git_revision() -> dict[str, Any] | None:
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
-def _read_config_file(path: Path | None) -> dict[str, dict[str, Any]]:
-    if path is None:
-        return {"model": {}, "train": {}}
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (empty file: {}); a ConfigError naming the file otherwise."""
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the training config ({exc})") from exc
+        raise ConfigError(f"{path}: cannot read the {what} ({exc})") from exc
     if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping with model: and train: sections")
+        raise ConfigError(f"{path}: the {what} must be a YAML mapping")
+    return values
+
+
+def _read_config_file(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {"model": {}, "train": {}}
+    values = read_yaml_mapping(path, "training config")
     unknown = sorted(set(values) - {"model", "train"})
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (expected model: and train:)")

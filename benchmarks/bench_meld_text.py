@@ -186,8 +186,8 @@ def main() -> None:
 
     header = "| row | test weighted F1 | test accuracy | test utterances | CPU seconds | what the time covers |"
     lines = [
-        f"# MELD, text only ({Path(text_model).name if Path(text_model).is_dir() else text_model}, context input "
-        f"{args.max_length} tokens, {args.pooling} pooling, {args.threads} CPU threads)", "",
+        f"# MELD, text only ({text_model}, context input {args.max_length} tokens, {args.pooling} pooling, "
+        f"{args.threads} CPU threads)", "",
         f"Full MELD: train {sizes['train']}, dev {sizes['dev']}, test {sizes['test']} utterances. "
         f"Fine-tuning: {layers}, lr {args.lr:g}, {args.finetune_epochs} epoch(s) max, dev-loss early stopping "
         f"every {args.eval_steps} steps (patience {args.patience}). Command: `python benchmarks/bench_meld_text.py` (see its docstring).", "",

@@ -335,7 +335,7 @@ def test_weights_info_and_provenance(extractor, tmp_path):
         "face_weights": "random",
         "face_weights_sha256": None,
         "seed": 0,
-        "mtcnn": f"facenet-pytorch {package_versions()['facenet-pytorch']} (bundled weights)",
+        "mtcnn": f"facenet-pytorch {package_versions()['facenet-pytorch']} (bundled pnet/rnet/onet weights)",
     }
     file = tmp_path / "bytes.bin"
     file.write_bytes(b"erc" * 1000)

@@ -37,12 +37,20 @@ def fail(exc: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+# corpus and encoder options that `erc extract` and `erc finetune-text` share
+DatasetOption = Annotated[str, typer.Option(help="iemocap | meld | manifest")]
+RootOption = Annotated[Path, typer.Option(help="corpus root (IEMOCAP_full_release, MELD.Raw, or the manifest's folder)")]
+ManifestOption = Annotated[Path | None, typer.Option(help="manifest CSV (dataset=manifest; default ROOT/manifest.csv)")]
+TextModelOption = Annotated[str, typer.Option(help="Hugging Face encoder name or local directory")]
+LabelSetOption = Annotated[str, typer.Option(help="IEMOCAP classes: 6class | 4class")]
+
+
 def extract_command(
-    dataset: Annotated[str, typer.Option(help="iemocap | meld | manifest")],
-    root: Annotated[Path, typer.Option(help="corpus root (IEMOCAP_full_release, MELD.Raw, or the manifest's folder)")],
+    dataset: DatasetOption,
+    root: RootOption,
     out: Annotated[Path, typer.Option(help="output directory for the shard set")],
-    manifest: Annotated[Path | None, typer.Option(help="manifest CSV (dataset=manifest; default ROOT/manifest.csv)")] = None,
-    text_model: Annotated[str, typer.Option(help="Hugging Face encoder name or local directory")] = "roberta-base",
+    manifest: ManifestOption = None,
+    text_model: TextModelOption = "roberta-base",
     text_max_length: Annotated[int, typer.Option(help="tokens of each context input (current utterance kept whole)")] = 512,
     text_pooling: Annotated[str | None, typer.Option(help="first | mean | utterance (default: the fine-tuned one, else first)")] = None,
     face_weights: Annotated[Path | None, typer.Option(help="ResNet-101 state dict (torchvision or MultiEMO layout)")] = None,
@@ -50,7 +58,7 @@ def extract_command(
     faces: Annotated[str, typer.Option(help="all | largest: faces averaged per frame")] = "all",
     num_frames: Annotated[int, typer.Option(help="frames sampled per utterance (the papers use 20)")] = 20,
     modalities: Annotated[str, typer.Option(help="comma-separated subset of text,audio,visual")] = "text,audio,visual",
-    label_set: Annotated[str, typer.Option(help="IEMOCAP classes: 6class | 4class")] = "6class",
+    label_set: LabelSetOption = "6class",
     precision: Annotated[str, typer.Option(help="fp32 | bf16 (ResNet autocast)")] = "fp32",
     workers: Annotated[int, typer.Option(help="local Dask worker processes")] = 1,
     scheduler: Annotated[str | None, typer.Option(help="address of an existing Dask scheduler, e.g. tcp://host:8786")] = None,

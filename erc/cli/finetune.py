@@ -8,17 +8,25 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from erc.cli.extract import console, fail
+from erc.cli.extract import (
+    DatasetOption,
+    LabelSetOption,
+    ManifestOption,
+    RootOption,
+    TextModelOption,
+    console,
+    fail,
+)
 from erc.errors import ErcError
 
 
 def finetune_text_command(
-    dataset: Annotated[str, typer.Option(help="iemocap | meld | manifest")],
-    root: Annotated[Path, typer.Option(help="corpus root (IEMOCAP_full_release, MELD.Raw, or the manifest's folder)")],
-    text_model: Annotated[str, typer.Option(help="Hugging Face encoder name or local directory")],
+    dataset: DatasetOption,
+    root: RootOption,
+    text_model: TextModelOption,
     out: Annotated[Path, typer.Option(help="directory for the fine-tuned encoder, tokenizer and head")],
-    manifest: Annotated[Path | None, typer.Option(help="manifest CSV (dataset=manifest; default ROOT/manifest.csv)")] = None,
-    label_set: Annotated[str, typer.Option(help="IEMOCAP classes: 6class | 4class")] = "6class",
+    manifest: ManifestOption = None,
+    label_set: LabelSetOption = "6class",
     epochs: Annotated[int, typer.Option(help="training epochs (early-stopped on the dev loss)")] = 3,
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate")] = 2e-5,
     batch_size: Annotated[int, typer.Option(help="utterances per step")] = 16,
@@ -38,8 +46,7 @@ def finetune_text_command(
         config = FinetuneConfig(
             dataset=dataset, root=root, text_model=text_model, out=out, manifest=manifest, label_set=label_set,
             epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, pooling=pooling,
-            train_layers=train_layers,
-            max_steps=max_steps, eval_steps=eval_steps, patience=patience, device=device, seed=seed,
+            train_layers=train_layers, max_steps=max_steps, eval_steps=eval_steps, patience=patience, device=device, seed=seed,
         )
         with Progress(
             TextColumn("[bold]fine-tune"), BarColumn(), MofNCompleteColumn(), TextColumn("steps {task.fields[loss]}"),

@@ -31,8 +31,8 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, get_linear_s
 from erc.errors import ConfigError
 from erc.features.text import (
     FINETUNE_INFO_FILE,
-    POOLINGS,
     ContextInput,
+    check_pooling,
     context_inputs,
     encoder_inputs,
     pad_inputs,
@@ -82,8 +82,7 @@ class FinetuneConfig:
             raise ConfigError(f"--train-layers must be at least 0, got {self.train_layers}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} asked for but CUDA is not available")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        check_pooling(self.pooling)
 
 
 @dataclass

@@ -176,12 +176,17 @@ def encode_dialogue_inputs(
     return pad_inputs(context_inputs(tokenizer, speakers, texts, max_length, context), pad_token_id(tokenizer))
 
 
-def pool_states(hidden: torch.Tensor, batch: dict[str, torch.Tensor], pooling: str) -> torch.Tensor:
-    """(B, T, D) last-layer states → (B, D): first token, mean of all tokens, or mean of the utterance's."""
-    if pooling == "first":
-        return hidden[:, 0]
+def check_pooling(pooling: str) -> str:
+    """``pooling`` if it is one of :data:`POOLINGS`, else a ConfigError naming them."""
     if pooling not in POOLINGS:
         raise ConfigError(f"text pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    return pooling
+
+
+def pool_states(hidden: torch.Tensor, batch: dict[str, torch.Tensor], pooling: str) -> torch.Tensor:
+    """(B, T, D) last-layer states → (B, D): first token, mean of all tokens, or mean of the utterance's."""
+    if check_pooling(pooling) == "first":
+        return hidden[:, 0]
     attention = batch["attention_mask"].to(hidden).unsqueeze(-1)
     mask = attention if pooling == "mean" else batch["utterance_mask"].to(hidden).unsqueeze(-1)
     mask = torch.where(mask.sum(1, keepdim=True) > 0, mask, attention)  # an empty utterance: all its tokens
@@ -203,10 +208,7 @@ def finetuned_pooling(name_or_dir: str) -> str | None:
 
 def resolve_pooling(pooling: str | None, name_or_dir: str) -> str:
     """``pooling``, or when None the one the encoder was fine-tuned with, else ``first`` (the papers')."""
-    resolved = pooling or finetuned_pooling(name_or_dir) or "first"
-    if resolved not in POOLINGS:
-        raise ConfigError(f"text pooling must be one of {', '.join(POOLINGS)}, got {resolved!r}")
-    return resolved
+    return check_pooling(pooling or finetuned_pooling(name_or_dir) or "first")
 
 
 @dataclass

@@ -6,8 +6,9 @@
       modality and inter-modal edges γ·(same) between the two modalities of one utterance
       (eqs 3-4), a GCN on the renormalised adjacency (eq 5). The pair's fused feature E(m1m2) of
       an utterance is its two nodes' outputs concatenated; a head of FC layers (Fig. 2: "multiple
-      Fully Connected (FC) layers") is trained on it with CE + λp1·‖E‖₁ (eqs 6-7). A node's output is [node, GCN(node)] as in DialogueGCN / MMGCN
-      (``keep_nodes=False``: the GCN output alone, as eq 5 writes it).
+      Fully Connected (FC) layers") is trained on it with CE + λp1·‖E‖₁ (eqs 6-7). A node's
+      output is [node, GCN(node)] as in DialogueGCN / MMGCN (``keep_nodes=False``: the GCN output
+      alone, as eq 5 writes it).
 §3.2  MFF: a GRU over each fused stream (eq 8, one GRU shared by the streams as written), a
       second graph over the streams with speaker embeddings and the same edge rules and its GCN
       (eqs 9-10) -> E(VAT); the text features through a GRU and a transformer encoder (eq 11)

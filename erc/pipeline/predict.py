@@ -49,12 +49,10 @@ def recorded_extract_config(index: dict[str, Any], modalities: list[str], manife
 
 
 def check_weights(recorded: dict[str, Any], current: dict[str, Any], modalities: list[str]) -> None:
-    """Refuse when a weight file the features depend on is unavailable or not the recorded one."""
+    """Refuse when a weight file the features depend on is not the recorded one (an unavailable hub
+    model already fails in :func:`collect_weights`)."""
     for modality in modalities:
         for key in WEIGHT_KEYS[modality]:
-            if key == "text" and recorded.get("text", {}).get("sha256") and not current["text"]["sha256"]:
-                raise ConfigError(f"text model {current['text']['model']!r} is not available on this machine "
-                                  "(no local directory or cached weights to check against the run's sha256)")
             if recorded.get(key) != current.get(key):
                 raise ConfigError(f"{key} weights differ from those the run was trained on: "
                                   f"recorded {recorded.get(key)}, found {current.get(key)}")

@@ -3,6 +3,14 @@
 ``sample_weighted_focal_contrastive_loss`` (SWFC, eqs 18-19), ``soft_hgr_loss`` (eq 20) and
 ``fusion_loss``, which combines them with cross-entropy as in eq 22. Both SWFC and Soft-HGR are
 vectorised over the whole batch: no Python loop over samples.
+
+Scale. μ1 = 0.4 and μ2 = 0.3 were tuned by the authors with the losses as their released code
+computes them (Loss/SampleWeightedFocalContrastiveLoss.py and Loss/SoftHGRLoss.py of the public
+MultiEMO repository), not as eqs 19-20 read literally: the class weights (N/n_c)^α are counted on
+the training set and L1-normalised over the classes, and Soft-HGR's covariance term and total are
+divided by N. Those are the defaults here, so the paper's μ mean what they meant there; the literal
+equations stay available (``swfc_class_weights="batch"``, ``hgr_scale="centred"``). At the literal
+eq 19 scale the SWFC term is 10-30x larger and outweighs cross-entropy twenty times over.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ from torch import Tensor
 from erc.errors import ConfigError
 from erc.models.blocks import ModelOutput
 
+SWFC_CLASS_WEIGHTS = ("normalized", "batch", "corpus")
+HGR_SCALES = ("authors", "centred")
+
 
 @dataclass
 class FusionLossConfig:
@@ -27,10 +38,16 @@ class FusionLossConfig:
     as the paper's ablations do, leaves the other coefficients unchanged). ``temperature`` is τ,
     ``sample_weight_power`` α and ``focusing`` γ of SWFC.
 
-    ``swfc_class_weights``: "batch" weighs anchor j by (N / n_y)^α with n_y counted in the batch
-    (eq 19); "corpus" uses the training-set class counts passed to ``loss`` instead.
+    ``swfc_class_weights`` (the weight of an anchor of class c):
+      - "normalized" (default, the authors' code): (N/n_c)^α from the TRAINING-SET class counts,
+        L1-normalised over the classes so that the weights sum to 1;
+      - "batch": eq 19 as written, (N/n_c)^α with N and n_c counted in the batch, not normalised;
+      - "corpus": eq 19's (N/n_c)^α with training-set counts, not normalised.
     ``swfc_normalize`` L2-normalises z before the dot products of eq 18 (as the authors' code and
     the focal contrastive loss it builds on do; eq 18 itself writes the raw dot product).
+    ``hgr_scale``: "authors" (default) scales Soft-HGR as the authors' code does (see
+    ``soft_hgr_loss``); "centred" is eq 20 with centred features and feature covariances,
+    divided by N in eq 22.
     The L2 term λ‖θ‖² of eq 22 is the optimizer's weight decay (see the training preset).
     """
 
@@ -41,16 +58,34 @@ class FusionLossConfig:
     hgr_weight: float = 0.3
     use_swfc: bool = True
     use_hgr: bool = True
-    swfc_class_weights: Literal["batch", "corpus"] = "batch"
+    swfc_class_weights: Literal["normalized", "batch", "corpus"] = "normalized"
     swfc_normalize: bool = True
+    hgr_scale: Literal["authors", "centred"] = "authors"
 
     def _check_loss(self) -> None:
         if not (0.0 <= self.swfc_weight <= 1 and 0.0 <= self.hgr_weight <= 1 and self.swfc_weight + self.hgr_weight <= 1):
             raise ConfigError(f"need 0 <= μ1, μ2 and μ1 + μ2 <= 1, got {self.swfc_weight}, {self.hgr_weight}")
-        if self.swfc_class_weights not in ("batch", "corpus"):
-            raise ConfigError(f"swfc_class_weights must be 'batch' or 'corpus', got {self.swfc_class_weights!r}")
+        if self.swfc_class_weights not in SWFC_CLASS_WEIGHTS:
+            raise ConfigError(f"swfc_class_weights must be one of {SWFC_CLASS_WEIGHTS}, got {self.swfc_class_weights!r}")
+        if self.hgr_scale not in HGR_SCALES:
+            raise ConfigError(f"hgr_scale must be one of {HGR_SCALES}, got {self.hgr_scale!r}")
         if self.temperature <= 0:
             raise ConfigError(f"SWFC temperature must be positive, got {self.temperature}")
+
+
+def swfc_class_weights(
+    labels: Tensor, power: float, class_counts: Tensor | None = None, normalize: bool = False
+) -> Tensor:
+    """The weight of each class, (N / n_c)^α (eq 19), indexed by class.
+
+    Counts come from ``class_counts`` (C,) when given (the training set), else from ``labels``
+    (the batch). With ``normalize`` the weights are divided by their sum over the classes (L1
+    normalisation, as the authors' code does). A class without any count gets weight 0 (with
+    training-set counts it cannot occur in a training batch).
+    """
+    counts = (torch.bincount(labels) if class_counts is None else class_counts.to(labels.device)).double()
+    weights = (counts.sum() / counts.clamp_min(1.0)).pow(power) * (counts > 0)
+    return weights / weights.sum() if normalize else weights
 
 
 def sample_weighted_focal_contrastive_loss(
@@ -61,31 +96,28 @@ def sample_weighted_focal_contrastive_loss(
     focusing: float,
     sample_weight_power: float,
     class_counts: Tensor | None = None,
+    normalize_class_weights: bool = True,
     normalize: bool = True,
 ) -> Tensor:
     """SWFC loss (MultiEMO eqs 18-19) divided by N, i.e. its share of eq 22.
 
     features (N, d) are the FC outputs z, labels (N,) class indices. For anchor j, s_{j:g} is the
     softmax over all other samples of z_j·z_g/τ; the loss sums -(1 - s)^γ log s over its positives
-    (same label), averaged over them and weighted by (N / n_{y_j})^α. Anchors without a positive
-    contribute nothing. ``class_counts`` (C,), if given, replaces the batch counts: the weight
-    becomes (sum(counts) / counts[y_j])^α.
+    (same label), averaged over them, weighted by the anchor's class weight, summed over anchors
+    and divided by N (as the authors' code does). Anchors without a positive contribute nothing.
+    Class weights: see ``swfc_class_weights`` (``class_counts`` = training-set counts, or None for
+    the batch's; ``normalize_class_weights`` = L1-normalised over the classes).
     """
     n = labels.numel()
     if n < 2:
         return features.sum() * 0.0
     if normalize:
         features = F.normalize(features, dim=-1)
-    if class_counts is None:
-        counts, total = torch.bincount(labels).to(features.dtype), float(n)
-    else:
-        counts = class_counts.to(device=features.device, dtype=features.dtype)
-        total = counts.sum()
-        counts = counts.clamp_min(1.0)  # a label absent from the corpus cannot occur anyway
+    class_weight = swfc_class_weights(labels, sample_weight_power, class_counts, normalize_class_weights)
     positive = labels.unsqueeze(0) == labels.unsqueeze(1)
     positive.fill_diagonal_(False)
-    # anchor weight (N / n_y)^α / |R_j| on each positive pair, zero elsewhere (eq 19)
-    anchor_weight = (total / counts[labels]).pow(sample_weight_power) / positive.sum(dim=1).clamp_min(1)
+    # anchor weight w_{y_j} / |R_j| on each positive pair, zero elsewhere
+    anchor_weight = class_weight.to(features.dtype)[labels] / positive.sum(dim=1).clamp_min(1)
     pair_weight = positive * anchor_weight.unsqueeze(1)
 
     similarity = (features / temperature) @ features.T
@@ -96,27 +128,46 @@ def sample_weighted_focal_contrastive_loss(
     return -(pair_weight * focal * log_s).sum() / n
 
 
-def soft_hgr_loss(features: Sequence[Tensor], valid: Sequence[Tensor] | None = None) -> Tensor:
+def soft_hgr_loss(
+    features: Sequence[Tensor], valid: Sequence[Tensor] | None = None, *, scale: str = "authors"
+) -> Tensor:
     """Soft-HGR loss (MultiEMO eq 20) over every unordered pair of feature sets.
 
     features: (N, d) tensors, one per modality, row i of each describing the same utterance.
-    valid: optional (N,) bool masks; a pair uses only rows valid in both. Features are centred per
-    pair (the constraint E[f] = 0) and covariances are unbiased sample covariances. Returns
-    -Σ_{pairs} (E[f·g] - ½ tr(cov(f) cov(g))). Pairs with fewer than two rows are skipped.
+    valid: optional (N,) bool masks; a pair uses only the n rows valid in both (pairs with fewer
+    than two rows are skipped). Per pair, with f, g (n, d):
+
+    - ``scale="authors"`` (the authors' Loss/SoftHGRLoss.py, for which μ2 = 0.3 was tuned):
+      E[f·g] over the rows, uncentred; the covariance term tr(cov(f) cov(g)) / n with torch.cov
+      of the (n, d) matrix, i.e. the (n, n) covariances between utterances over the feature
+      dimensions; the pair's value E[f·g] - ½·that, divided by n. This already carries eq 22's
+      1/N, so ``fusion_loss`` adds it as is.
+    - ``scale="centred"`` (eq 20 as written): features centred over the rows (E[f] = 0), unbiased
+      (d, d) feature covariances, E[f·g] - ½ tr(cov(f) cov(g)), not divided by n.
+
+    Returns minus the sum over pairs.
     """
+    if scale not in HGR_SCALES:
+        raise ConfigError(f"hgr_scale must be one of {HGR_SCALES}, got {scale!r}")
     if valid is None:
         valid = [torch.ones(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
     total = features[0].new_zeros(())
     for i in range(len(features)):
         for j in range(i + 1, len(features)):
             rows = valid[i] & valid[j]
-            if int(rows.sum()) < 2:
+            n = int(rows.sum())
+            if n < 2:
                 continue
-            f = features[i][rows] - features[i][rows].mean(dim=0)
-            g = features[j][rows] - features[j][rows].mean(dim=0)
-            inner = (f * g).sum(dim=1).mean()
-            covariance_product = (torch.cov(f.T) * torch.cov(g.T)).sum()  # tr(AB) for symmetric A, B
-            total = total + inner - 0.5 * covariance_product
+            f, g = features[i][rows], features[j][rows]
+            if scale == "authors":
+                inner = (f * g).sum(dim=1).mean()
+                covariance_product = (torch.cov(f) * torch.cov(g)).sum() / n  # tr(AB), A and B symmetric
+                total = total + (inner - 0.5 * covariance_product) / n
+            else:
+                f, g = f - f.mean(dim=0), g - g.mean(dim=0)
+                inner = (f * g).sum(dim=1).mean()
+                covariance_product = (torch.cov(f.T) * torch.cov(g.T)).sum()
+                total = total + inner - 0.5 * covariance_product
     return -total
 
 
@@ -129,9 +180,11 @@ def fusion_loss(
     """The full MultiEMO objective (eq 22) without the L2 term: each term and their "total".
 
     N is the number of labeled real utterances. "ce" and "swfc" are means over them; "soft_hgr"
-    is eq 20 (over real utterances with both modalities present) and enters the total divided by
-    N, exactly as eq 22 writes it. The terms are computed in float32 whatever the model's
-    (autocast) precision.
+    is ``soft_hgr_loss`` over real utterances with both modalities present, entering the total as
+    the authors' code adds it (``hgr_scale="authors"``) or divided by N as eq 22 writes it
+    (``"centred"``). ``class_counts`` are the training-set counts the default SWFC class weights
+    need; without them the batch's counts stand in. The terms are computed in float32 whatever
+    the model's (autocast) precision.
     """
     labeled = batch["mask"] & (batch["label"] >= 0)
     labels = batch["label"][labeled]
@@ -151,7 +204,8 @@ def fusion_loss(
             temperature=config.temperature,
             focusing=config.focusing,
             sample_weight_power=config.sample_weight_power,
-            class_counts=class_counts if config.swfc_class_weights == "corpus" else None,
+            class_counts=None if config.swfc_class_weights == "batch" else class_counts,
+            normalize_class_weights=config.swfc_class_weights == "normalized",
             normalize=config.swfc_normalize,
         )
         terms["swfc"] = swfc
@@ -159,10 +213,11 @@ def fusion_loss(
     if config.use_hgr and len(output.fused) > 1:
         names = list(output.fused)
         hgr = soft_hgr_loss(
-            [output.fused[m][batch["mask"]].float() for m in names], [output.valid[m][batch["mask"]] for m in names]
+            [output.fused[m][batch["mask"]].float() for m in names], [output.valid[m][batch["mask"]] for m in names],
+            scale=config.hgr_scale,
         )
         terms["soft_hgr"] = hgr
-        total = total + config.hgr_weight * hgr / n
+        total = total + config.hgr_weight * (hgr if config.hgr_scale == "authors" else hgr / n)
     terms["total"] = total
     return terms
 

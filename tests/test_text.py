@@ -234,6 +234,40 @@ def test_pooling_defaults_to_what_the_encoder_was_fine_tuned_with(tiny_roberta, 
     assert TextExtractor(TextConfig(model=str(tiny_roberta))).config.pooling == "first"
 
 
+def _sentence_transformers_dir(base: Path, target: Path, flags: dict) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(base, target)
+    (target / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]))
+    (target / "1_Pooling").mkdir()
+    (target / "1_Pooling" / "config.json").write_text(json.dumps(flags))
+    return target
+
+
+def test_pooling_defaults_follow_the_checkpoint(tiny_roberta, tmp_path):
+    from erc.features.text import pooling_choice
+
+    mean = _sentence_transformers_dir(tiny_roberta, tmp_path / "mean", {"pooling_mode_cls_token": False,
+                                                                         "pooling_mode_mean_tokens": True})
+    cls = _sentence_transformers_dir(tiny_roberta, tmp_path / "cls", {"pooling_mode_cls_token": True,
+                                                                       "pooling_mode_mean_tokens": False})
+    assert pooling_choice(None, str(mean))[0] == "utterance"
+    assert pooling_choice(None, str(cls)) == ("first", "a sentence-transformers checkpoint declaring cls pooling")
+    assert pooling_choice(None, MINILM)[0] == "utterance"  # the bundled MiniLM ships a mean Pooling module
+    assert pooling_choice(None, "roberta-base")[0] == "first"  # a plain checkpoint (not in the cache here)
+    assert pooling_choice("mean", str(mean)) == ("mean", "asked for")
+    # what extraction and fine-tuning record
+    assert TextExtractor(TextConfig(model=str(mean))).info()["pooling"] == "utterance"
+    from erc.features.finetune import FinetuneConfig
+
+    assert FinetuneConfig(dataset="meld", root=tmp_path, text_model=str(mean), out=tmp_path / "o").pooling == "utterance"
+    assert FinetuneConfig(dataset="meld", root=tmp_path, text_model=str(tiny_roberta), out=tmp_path / "o").pooling == "first"
+
+
 def test_an_uncached_hub_model_is_a_clear_error_not_an_empty_checksum(monkeypatch, tmp_path):
     import huggingface_hub.constants
 

@@ -31,7 +31,7 @@ def finetune_text_command(
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate")] = 2e-5,
     batch_size: Annotated[int, typer.Option(help="utterances per step")] = 16,
     max_length: Annotated[int, typer.Option(help="tokens of the context input (use the same for extraction)")] = 128,
-    pooling: Annotated[str, typer.Option(help="first | mean | utterance: how the head reads the encoder")] = "first",
+    pooling: Annotated[str | None, typer.Option(help="first | mean | utterance: how the head reads the encoder (default: from the checkpoint, see erc extract --text-pooling)")] = None,
     train_layers: Annotated[int | None, typer.Option(help="train only the top N encoder layers (default: all)")] = None,
     max_steps: Annotated[int | None, typer.Option(help="stop after N optimizer steps (e.g. to time a short run)")] = None,
     eval_steps: Annotated[int | None, typer.Option(help="evaluate the dev loss every N steps (default: each epoch)")] = None,
@@ -48,6 +48,9 @@ def finetune_text_command(
             epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, pooling=pooling,
             train_layers=train_layers, max_steps=max_steps, eval_steps=eval_steps, patience=patience, device=device, seed=seed,
         )
+        from erc.features.text import pooling_choice
+
+        console.print(f"pooling: {config.pooling} ({pooling_choice(pooling, text_model)[1]})")
         with Progress(
             TextColumn("[bold]fine-tune"), BarColumn(), MofNCompleteColumn(), TextColumn("steps {task.fields[loss]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal,

@@ -33,6 +33,7 @@ from erc.features.text import (
     FINETUNE_INFO_FILE,
     ContextInput,
     check_pooling,
+    resolve_pooling,
     context_inputs,
     encoder_inputs,
     pad_inputs,
@@ -64,7 +65,7 @@ class FinetuneConfig:
     batch_size: int = 16
     max_length: int = 128
     context: bool = True
-    pooling: str = "first"
+    pooling: str | None = None  # None: chosen from the checkpoint (erc.features.text.pooling_choice)
     warmup_fraction: float = 0.1
     patience: int = 1
     train_layers: int | None = None
@@ -82,7 +83,7 @@ class FinetuneConfig:
             raise ConfigError(f"--train-layers must be at least 0, got {self.train_layers}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} asked for but CUDA is not available")
-        check_pooling(self.pooling)
+        self.pooling = resolve_pooling(self.pooling, self.text_model)
 
 
 @dataclass

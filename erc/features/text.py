@@ -206,15 +206,65 @@ def finetuned_pooling(name_or_dir: str) -> str | None:
     return json.loads(info.read_text()).get("config", {}).get("pooling", "first")
 
 
+def _checkpoint_file(name_or_dir: str, filename: str) -> Path | None:
+    """``filename`` of a local checkpoint directory, or of a hub checkpoint already in the local
+    cache (never downloads); None when there is none."""
+    local = Path(name_or_dir).expanduser()
+    if local.is_dir():
+        return local / filename if (local / filename).is_file() else None
+    try:
+        cached = try_to_load_from_cache(name_or_dir, filename)
+    except ValueError:  # not a valid hub name either
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def sentence_transformers_pooling(name_or_dir: str) -> str | None:
+    """The pooling a sentence-transformers checkpoint declares (``modules.json`` naming a Pooling
+    module whose ``config.json`` sets a ``pooling_mode_*`` flag): "mean", "cls", "max", … or None."""
+    modules_file = _checkpoint_file(name_or_dir, "modules.json")
+    if modules_file is None:
+        return None
+    try:
+        modules = json.loads(modules_file.read_text())
+        pooling_path = next(m.get("path", "") for m in modules if str(m.get("type", "")).endswith("Pooling"))
+        pooling_file = _checkpoint_file(name_or_dir, f"{pooling_path}/config.json")
+        flags = json.loads(pooling_file.read_text()) if pooling_file else {}
+    except (StopIteration, OSError, ValueError, AttributeError):
+        return None
+    modes = [key.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
+             for key, on in flags.items() if key.startswith("pooling_mode_") and on is True]
+    return modes[0] if modes else None
+
+
+def pooling_choice(pooling: str | None, name_or_dir: str) -> tuple[str, str]:
+    """(pooling, why) for an encoder: the explicit ``pooling``; else the one ``erc finetune-text``
+    trained the directory with; else ``utterance`` for a checkpoint whose sentence-transformers
+    config says mean pooling (it was trained to be read as a mean of token states: the current
+    utterance's tokens are that mean for an utterance read in context); else ``first``, the first-token
+    state, as the papers read a (fine-tuned) RoBERTa."""
+    if pooling is not None:
+        return check_pooling(pooling), "asked for"
+    finetuned = finetuned_pooling(name_or_dir)
+    if finetuned is not None:
+        return check_pooling(finetuned), f"the pooling {FINETUNE_INFO_FILE} records for this fine-tuned encoder"
+    declared = sentence_transformers_pooling(name_or_dir)
+    if declared == "mean":
+        return "utterance", "a sentence-transformers checkpoint trained with mean pooling (modules.json)"
+    if declared is not None:
+        return "first", f"a sentence-transformers checkpoint declaring {declared} pooling"
+    return "first", "the first-token state, as the papers read RoBERTa"
+
+
 def resolve_pooling(pooling: str | None, name_or_dir: str) -> str:
-    """``pooling``, or when None the one the encoder was fine-tuned with, else ``first`` (the papers')."""
-    return check_pooling(pooling or finetuned_pooling(name_or_dir) or "first")
+    """The pooling ``pooling_choice`` picks."""
+    return pooling_choice(pooling, name_or_dir)[0]
 
 
 @dataclass
 class TextConfig:
     """Encoder (Hugging Face name or local directory), how utterances are fed to it and pooled.
-    ``pooling`` None: what the encoder was fine-tuned with (``finetune.json``), else ``first``."""
+    ``pooling`` None: chosen from the checkpoint by ``pooling_choice``."""
 
     model: str = "roberta-base"
     max_length: int = 512

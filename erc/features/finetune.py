@@ -32,7 +32,6 @@ from erc.errors import ConfigError
 from erc.features.text import (
     FINETUNE_INFO_FILE,
     ContextInput,
-    check_pooling,
     resolve_pooling,
     context_inputs,
     encoder_inputs,

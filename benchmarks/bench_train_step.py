@@ -1,20 +1,29 @@
-"""CPU cost of a MultiEMO training step, and of the vectorised SWFC loss against a per-sample loop.
+"""Cost of a training step of every fusion model, and of the vectorised SWFC loss against a per-sample loop.
 
-    python benchmarks/bench_train_step.py [--threads N] [--repeats R]
+    python benchmarks/bench_train_step.py [--threads N] [--repeats R] [--device cpu|cuda]
+                                          [--baseline-tree DIR] [--cases NAME,...]
 
-Each configuration runs in a fresh subprocess so its peak RSS is its own. A training step is what
-the trainer does per batch: forward, the three losses of eq 22, backward and an Adam update, on
-IEMOCAP-shaped random dialogues (text 768, audio 6373, visual 1000; 20-110 utterances each) with
-the IEMOCAP preset (which recomputes attention activations in the backward pass to save memory;
-one row shows the step without that). Times are means over ``--repeats`` steps after a warm-up
-step: wall-clock seconds and the process's CPU seconds. On a shared machine the wall time
-includes waiting for the CPU (see the load average printed); with one thread the CPU time is
-close to what the step takes on an idle core.
+Each configuration runs in a fresh subprocess so its peak memory is its own. A training step is
+what the trainer does per batch: forward (under the row's precision), the model's losses in
+float32, backward and an Adam update, on IEMOCAP-shaped random dialogues (text 768, audio 6373,
+visual 1000, 20 frames for MCN-CL's PSA; 20-110 utterances each) with each model's IEMOCAP preset
+(MultiEMO's recomputes attention activations in the backward pass to save memory; one row shows
+the step without that). Times are means over ``--repeats`` steps after a warm-up step: wall-clock
+seconds and the process's CPU seconds; on CUDA the step ends with a synchronisation and the
+memory column is the peak of allocated GPU memory.
+
+``--baseline-tree DIR`` also runs every fp32 row on another checkout's ``erc`` package (e.g.
+``git archive <rev> erc | tar -x -C DIR``), interleaved with the current one, and prints both
+with the speed-up: a before/after comparison measured in the same run. The public MultiEMO code is
+not part of this repository, so no row runs it. On a shared machine the wall time includes waiting
+for the CPU (see the load average printed); with one thread the CPU time is close to what the step
+takes on an idle core.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -25,17 +34,22 @@ import time
 import torch
 
 IEMOCAP_DIMS = {"text": 768, "audio": 6373, "visual": 1000}
-CASES = {  # name: (model, dialogues, overrides, target seconds, target GB)
-    "multiemo-32": ("multiemo", 32, {}, 3.5, 3.0),
-    "multiemo-64": ("multiemo", 64, {}, None, 4.0),
-    "multiemo-32-store": ("multiemo", 32, {"gradient_checkpointing": False}, None, None),
-    "xlstm-multiemo-32": ("xlstm-multiemo", 32, {}, None, None),
+CASES = {  # name: (model, dialogues, overrides, precision, target seconds, target GB)
+    "multiemo-32": ("multiemo", 32, {}, "fp32", 3.5, 3.0),
+    "multiemo-64": ("multiemo", 64, {}, "fp32", 7.0, 4.0),
+    "multiemo-32-store": ("multiemo", 32, {"gradient_checkpointing": False}, "fp32", None, None),
+    "multiemo-32-bf16": ("multiemo", 32, {}, "bf16", None, None),
+    "xlstm-multiemo-32": ("xlstm-multiemo", 32, {}, "fp32", None, None),
+    "lmam-32": ("lmam", 32, {}, "fp32", None, None),
+    "pairwise-32": ("pairwise", 32, {}, "fp32", None, None),
+    "mcn-cl-32": ("mcn-cl", 32, {}, "fp32", None, None),
 }
+FRAMES = 20
 SWFC_UTTERANCES = 1000
 SWFC_TARGET_SPEEDUP = 50.0
 
 
-def iemocap_batch(num_dialogues: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def iemocap_batch(num_dialogues: int, seed: int = 0, frames: bool = False) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(20, 111, (num_dialogues,), generator=generator)
     length = int(lengths.max())
@@ -45,28 +59,43 @@ def iemocap_batch(num_dialogues: int, seed: int = 0) -> dict[str, torch.Tensor]:
     batch["mask"] = mask
     batch["speaker"] = torch.randint(0, 2, mask.shape, generator=generator) * mask
     batch["label"] = torch.randint(0, 6, mask.shape, generator=generator).masked_fill(~mask, -1)
+    if frames:
+        batch["visual_frames"] = torch.randn(*mask.shape, FRAMES, IEMOCAP_DIMS["visual"], generator=generator)
+        batch["visual_frame_mask"] = (torch.rand(*mask.shape, FRAMES, generator=generator) > 0.2) & mask.unsqueeze(-1)
     return batch
 
 
-def peak_rss_gb() -> float:
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
-def train_step_case(case: str, repeats: int) -> dict[str, float]:
+def train_step_case(case: str, repeats: int, device: torch.device) -> dict[str, float]:
     from erc.models.registry import build_model, train_hyperparameters
 
-    name, num_dialogues, overrides, _, _ = CASES[case]
-    model = build_model(name, input_dims=IEMOCAP_DIMS, num_classes=6, preset="iemocap", overrides=overrides)
+    name, num_dialogues, overrides, precision, _, _ = CASES[case]
+    model = build_model(name, input_dims=IEMOCAP_DIMS, num_classes=6, preset="iemocap", overrides=overrides).to(device)
+    if precision == "fp32":  # runs on a baseline tree that may predate the precision helpers
+        autocast, float32 = (lambda: contextlib.nullcontext()), (lambda output: output)
+    else:
+        from erc.pipeline.evaluate import autocast as precision_autocast, float32
+
+        autocast = lambda: precision_autocast(device, precision)  # noqa: E731
     hp = train_hyperparameters(name, "iemocap")
     optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
-    batch = iemocap_batch(num_dialogues)
+    batch = iemocap_batch(num_dialogues, frames=bool(getattr(model, "needs_frames", False)))
+    batch = {k: v.to(device) for k, v in batch.items()}
     class_counts = torch.bincount(batch["label"][batch["mask"]], minlength=6).float()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        output = model(batch)
-        model.loss(output, batch, class_counts)["total"].backward()
+        with autocast():
+            output = model(batch)
+        model.loss(float32(output), batch, class_counts)["total"].backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     step()  # warm-up: allocator, Adam state
     wall, cpu = time.perf_counter(), time.process_time()
@@ -75,7 +104,7 @@ def train_step_case(case: str, repeats: int) -> dict[str, float]:
     return {
         "seconds": (time.perf_counter() - wall) / repeats,
         "cpu_seconds": (time.process_time() - cpu) / repeats,
-        "peak_rss_gb": peak_rss_gb(),
+        "peak_gb": peak_memory_gb(device),
         "utterances": int(batch["mask"].sum()),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
@@ -109,6 +138,7 @@ def swfc_case(repeats: int) -> dict[str, float]:
     kwargs = dict(temperature=0.8, focusing=2.0, sample_weight_power=0.8)
 
     def timed(fn) -> tuple[float, float]:
+        fn().backward()  # warm-up
         start = time.process_time()
         for _ in range(repeats):
             features.grad = None
@@ -116,42 +146,70 @@ def swfc_case(repeats: int) -> dict[str, float]:
             value.backward()
         return (time.process_time() - start) / repeats, value.item()
 
-    vectorised, v_value = timed(lambda: sample_weighted_focal_contrastive_loss(features, labels, **kwargs))
+    # the loop weighs anchors by (N / n_y)^α as eq 19 writes it: the same, unnormalised, class weights here
+    vectorised, v_value = timed(
+        lambda: sample_weighted_focal_contrastive_loss(features, labels, **kwargs, normalize_class_weights=False)
+    )
     looped, l_value = timed(lambda: swfc_per_sample_loop(features, labels, **kwargs))
     return {"vectorised_s": vectorised, "loop_s": looped, "speedup": looped / vectorised, "abs_diff": abs(v_value - l_value)}
 
 
-def run_child(case: str, threads: int, repeats: int) -> dict[str, float]:
-    command = [sys.executable, __file__, "--child", case, "--threads", str(threads), "--repeats", str(repeats)]
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
+def run_child(case: str, args: argparse.Namespace, tree: str | None = None) -> dict[str, float]:
+    """One case in a fresh process; ``tree`` puts another checkout's ``erc`` package first on the path."""
+    command = [sys.executable, os.path.abspath(__file__), "--child", case, "--threads", str(args.threads),
+               "--repeats", str(args.repeats), "--device", args.device]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=tree or None)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--baseline-tree", help="directory holding another checkout's erc package (the 'before' columns)")
+    parser.add_argument("--cases", help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     if args.child:
-        result = swfc_case(args.repeats) if args.child == "swfc" else train_step_case(args.child, args.repeats)
+        device = torch.device(args.device)
+        result = swfc_case(args.repeats) if args.child == "swfc" else train_step_case(args.child, args.repeats, device)
         print(json.dumps(result))
         return
 
+    cases = args.cases.split(",") if args.cases else list(CASES)
+    baseline = os.path.abspath(args.baseline_tree) if args.baseline_tree else None
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s) on {os.cpu_count()} CPU(s), "
-        f"load average {os.getloadavg()[0]:.1f}; mean of {args.repeats} step(s) after a warm-up\n"
+        f"torch {torch.__version__}, {args.device}, {args.threads} thread(s) on {os.cpu_count()} CPU(s), "
+        f"load average {os.getloadavg()[0]:.1f}; mean of {args.repeats} step(s) after a warm-up"
+        + (f"; before = {baseline}" if baseline else "") + "\n"
     )
-    print(f"{'case':<20}{'utterances':>11}{'params':>12}{'wall s':>8}{'CPU s':>7}{'target':>8}{'peak GB':>9}{'target':>8}")
-    for case, (_, _, _, max_s, max_gb) in CASES.items():
-        r = run_child(case, args.threads, args.repeats)
+    memory = "GPU GB" if args.device == "cuda" else "RSS GB"
+    print(f"| case | utterances | parameters | before s | after s | speed-up | before CPU s | after CPU s | target s "
+          f"| before {memory} | after {memory} | target GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for case in cases:
+        precision, max_s, max_gb = CASES[case][3:]
+        before = run_child(case, args, baseline) if baseline and precision == "fp32" else None
+        r = run_child(case, args)
+        speedup = before["seconds"] / r["seconds"] if before else None
         print(
-            f"{case:<20}{r['utterances']:>11}{r['parameters']:>12,}{r['seconds']:>8.2f}{r['cpu_seconds']:>7.2f}"
-            f"{'<= ' + str(max_s) if max_s else '':>8}{r['peak_rss_gb']:>9.2f}{'<= ' + str(max_gb) if max_gb else '':>8}"
+            f"| {case} | {r['utterances']} | {r['parameters']:,} | {fmt(before and before['seconds'], '.2f')} "
+            f"| {r['seconds']:.2f} | {fmt(speedup, '.1f')}{'x' if speedup else ''} "
+            f"| {fmt(before and before['cpu_seconds'], '.2f')} | {r['cpu_seconds']:.2f} "
+            f"| {'<= ' + str(max_s) if max_s else ''} | {fmt(before and before['peak_gb'], '.2f')} | {r['peak_gb']:.2f} "
+            f"| {'<= ' + str(max_gb) if max_gb else ''} |",
+            flush=True,
         )
-    r = run_child("swfc", args.threads, args.repeats)
+    print(f"\nload average after the steps: {os.getloadavg()[0]:.1f}")
+    r = run_child("swfc", args)
     print(
         f"\nSWFC forward+backward on {SWFC_UTTERANCES} utterances (CPU time): vectorised {r['vectorised_s'] * 1e3:.1f} ms, "
         f"per-sample loop (public code's) {r['loop_s'] * 1e3:.0f} ms: {r['speedup']:.0f}x faster (target >= {SWFC_TARGET_SPEEDUP:.0f}x); "

@@ -32,6 +32,8 @@ def compare_command(
     config: Annotated[Path | None, typer.Option(help="YAML: model:/train: sections, or one such mapping per model")] = None,
     variant: Annotated[list[str] | None, typer.Option(help="LABEL=SPEC, repeatable: a run spec under a label")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto: the forward pass's precision in training")] = "fp32",
+    allow_partial: Annotated[bool, typer.Option(help="accept an incomplete shard set (an extraction stopped early)")] = False,
 ) -> None:
     """Train models and ablations over several seeds; write comparison.md, comparison.png, results.json."""
     from erc.pipeline.compare import CompareConfig, compare, split_specs
@@ -45,6 +47,7 @@ def compare_command(
             CompareConfig(
                 features=features, out=out, models=split_specs(models), seeds=seeds, epochs=epochs,
                 batch_size=batch_size, lr=lr, config_file=config, variants=_variants(variant or []), device=device,
+                precision=precision, allow_partial=allow_partial,
             ),
             on_run=on_run,
         )

@@ -26,10 +26,13 @@ def train_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     modalities: Annotated[str | None, typer.Option(help="comma-separated subset of the shards' modalities")] = None,
     grad_clip: Annotated[float | None, typer.Option(help="clip the gradient norm to this value")] = None,
+    stages: Annotated[str | None, typer.Option(help="comma-separated training stages, in order (pairwise: pmf,mff, the paper's schedule)")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto: the forward pass's precision (auto = bf16 where the device computes it natively)")] = "fp32",
     fusion: Annotated[str | None, typer.Option(help="multiemo's fusion: multiattn | lmam")] = None,
     no_multiattn: Annotated[bool, typer.Option("--no-multiattn", help="ablation: concatenate instead of MultiAttn fusion")] = False,
     no_swfc: Annotated[bool, typer.Option("--no-swfc", help="ablation: drop the SWFC loss")] = False,
     no_hgr: Annotated[bool, typer.Option("--no-hgr", help="ablation: drop the Soft-HGR loss")] = False,
+    allow_partial: Annotated[bool, typer.Option(help="accept an incomplete shard set (an extraction stopped early)")] = False,
 ) -> None:
     """Train a model on a shard set; keep the best-dev checkpoint and report test metrics."""
     from erc.pipeline.train import TrainConfig, train
@@ -38,6 +41,8 @@ def train_command(
     train_config = TrainConfig(
         model=model, features=features, out=out, preset=preset, config_file=config, epochs=epochs,
         batch_size=batch_size, lr=lr, seed=seed, device=device, grad_clip=grad_clip,
+        stages=[s.strip() for s in stages.split(",") if s.strip()] if stages else None, precision=precision,
+        allow_partial=allow_partial,
         modalities=[m.strip() for m in modalities.split(",") if m.strip()] if modalities else None,
         model_overrides={**{name: False for name, off in ablations.items() if off},
                          **({"fusion": fusion} if fusion is not None else {})},
@@ -53,8 +58,9 @@ def train_command(
 
         def on_epoch(record: dict) -> None:
             terms = " ".join(f"{name} {value:.4f}" for name, value in record["train"].items())
+            stage = f"[{record['stage']}] " if "stage" in record else ""
             bar.console.print(
-                f"epoch {record['epoch']}: {terms} | dev weighted F1 {record['dev']['weighted_f1']:.4f} "
+                f"{stage}epoch {record['epoch']}: {terms} | dev weighted F1 {record['dev']['weighted_f1']:.4f} "
                 f"acc {record['dev']['accuracy']:.4f} | best epoch {record['best_epoch']}", highlight=False,
             )
 
@@ -70,12 +76,13 @@ def evaluate_command(
     run: Annotated[Path, typer.Option(help="run directory written by `erc train`")],
     features: Annotated[Path | None, typer.Option(help="shard set (default: the one the run was trained on)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    allow_partial: Annotated[bool, typer.Option(help="accept an incomplete shard set (an extraction stopped early)")] = False,
 ) -> None:
     """Recompute the test metrics of a run from its best checkpoint."""
     from erc.pipeline.evaluate import evaluate_run
 
     try:
-        metrics = evaluate_run(run, features, device=device)
+        metrics = evaluate_run(run, features, device=device, allow_partial=allow_partial)
     except ErcError as exc:
         raise fail(exc) from None
     print_metrics(metrics, title=f"test metrics of {run}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -39,19 +40,42 @@ class ModelOutput:
     valid: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TrainingStage:
+    """One stage of a model's staged schedule (``model.training_stages()``, ``erc train --stages``).
+
+    ``modules``: the model's top-level submodules this stage trains; the trainer freezes every other
+    parameter. ``lr`` / ``weight_decay``: None = the run's. ``epochs``: the fraction of the run's
+    epochs the stage takes; None = an equal share of what the other stages leave. ``dropout`` is
+    the dropout of the modules the stage trains (a record: the model builds them with it). The
+    trainer calls ``model.begin_stage(name)`` before the stage (the model picks the stage's
+    objective) and ``model.begin_stage(None)`` after the last.
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    lr: float | None = None
+    weight_decay: float | None = None
+    epochs: float | None = None
+    dropout: float | None = None
+
+
 class TokenIndex:
     """The real utterances of a padded batch: packs (B, L, ...) into (N, ...) and back.
 
     Tokens are ordered dialogue by dialogue, so each dialogue is the contiguous token range
-    ``spans[b]``.
+    ``spans[b]`` (computed on first use: it reads the lengths back to the host).
     """
 
     def __init__(self, mask: Tensor) -> None:
         self.mask = mask
         self.index = mask.nonzero(as_tuple=True)  # (dialogue, position) of each token
         self.dialogue, self.position = self.index
-        ends = mask.sum(dim=1).cumsum(dim=0).tolist()
-        self.spans = list(zip([0, *ends[:-1]], ends))
+
+    @cached_property
+    def spans(self) -> list[tuple[int, int]]:
+        ends = self.mask.sum(dim=1).cumsum(dim=0).tolist()
+        return list(zip([0, *ends[:-1]], ends))
 
     def __len__(self) -> int:
         return self.dialogue.numel()
@@ -156,7 +180,8 @@ class MultiheadAttention(nn.Module):
 
     Queries come from one modality, keys and values from another (or the same), all as packed
     tokens of the same dialogues; each dialogue attends within itself, over its whole length
-    ("bidirectional": no causal mask), so no padding is ever computed or attended.
+    ("bidirectional": no causal mask). The projections run on packed tokens; the attention itself
+    runs on the padded batch, where padding and invalid keys are masked out.
     """
 
     def __init__(self, dim: int, num_heads: int) -> None:
@@ -170,21 +195,19 @@ class MultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, query: Tensor, key_value: Tensor, tokens: TokenIndex, key_valid: Tensor) -> Tensor:
-        """query, key_value (N, D) packed tokens; key_valid (B, L) bool -> (N, D)."""
-        q, k, v = self.q_proj(query), self.k_proj(key_value), self.v_proj(key_value)
+        """query, key_value (N, D) packed tokens; key_valid (B, L) bool -> (N, D).
+
+        One SDPA call over the padded (B, H, L, d) batch; the key mask is (B, 1, 1, L).
+        """
+        batch, length = tokens.mask.shape
+        key_valid = key_valid & tokens.mask
         has_key = key_valid.any(dim=1)
-        all_keys = (key_valid | ~tokens.mask).all(dim=1).tolist()
         # a dialogue with no valid key attends everywhere (finite numbers); its output is zeroed below
-        token_mask = tokens.pack(key_valid | ~has_key.unsqueeze(1))
-        heads = lambda x, start, end: x[start:end].view(1, end - start, self.num_heads, -1).transpose(1, 2)  # noqa: E731
-        outputs = []
-        for (start, end), unmasked in zip(tokens.spans, all_keys):
-            if start == end:
-                continue
-            attn_mask = None if unmasked else token_mask[start:end].view(1, 1, 1, -1)
-            out = F.scaled_dot_product_attention(heads(q, start, end), heads(k, start, end), heads(v, start, end), attn_mask)
-            outputs.append(out.transpose(1, 2).reshape(end - start, -1))
-        out = self.out_proj(torch.cat(outputs) if outputs else q)  # q is empty when there are no tokens
+        attn_mask = (key_valid | ~has_key.unsqueeze(1)).view(batch, 1, 1, length)
+        heads = lambda x: tokens.unpack(x).view(batch, length, self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(self.q_proj(query)), heads(self.k_proj(key_value)), heads(self.v_proj(key_value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask)  # (B, H, L, d)
+        out = self.out_proj(tokens.pack(out.transpose(1, 2).reshape(batch, length, -1)))
         return out * has_key[tokens.dialogue].unsqueeze(-1)
 
 

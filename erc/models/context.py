@@ -8,15 +8,20 @@ inside a sequence and the backward direction reverses each sequence within its o
 DialogueRNN leaves its states untouched at invalid steps. Outputs at invalid positions are zeros
 (DialogueCRN: at padding), and a dialogue's outputs do not depend on what it is batched with.
 
-xLSTM on CPU: the ``xlstm`` package's mLSTM block has a pure-PyTorch parallel backend that runs
-anywhere; its sLSTM block needs ``backend="vanilla"`` and ``dtype="float32"`` off-GPU (the default
-"cuda" backend compiles a CUDA kernel). ``xlstm_stack`` builds both that way.
+xLSTM backends: the ``xlstm`` package's mLSTM block has only a pure-PyTorch parallel form, which
+runs anywhere; its sLSTM block has a "vanilla" (PyTorch) backend and a "cuda" one that compiles a
+CUDA kernel. ``xlstm_stack`` builds the vanilla sLSTM (float32) so that every model builds and
+loads on CPU; ``use_xlstm_backend`` switches a model's sLSTM cells to the CUDA kernel on a GPU when
+it builds, keeping the parameters (and so checkpoints) in the vanilla layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import torch
@@ -29,6 +34,9 @@ from erc.errors import ConfigError
 from erc.models.blocks import masked_softmax
 
 XLSTMBlock = Literal["mlstm", "slstm"]
+XLSTMBackend = Literal["auto", "cuda", "vanilla"]
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- packing
@@ -171,6 +179,65 @@ def xlstm_stack(
     return xLSTMBlockStack(config)
 
 
+@cache
+def _cuda_slstm_cell_class() -> type[nn.Module]:
+    """``sLSTMCell_cuda`` whose parameters keep the vanilla cell's layout (converted on each call)."""
+    from xlstm.blocks.slstm.cell import sLSTMCell_cuda, sLSTMCell_vanilla
+
+    class VanillaLayoutCUDACell(sLSTMCell_cuda):
+        @property
+        def _recurrent_kernel(self) -> Tensor:
+            external = sLSTMCell_vanilla._recurrent_kernel_int2ext(self, self._recurrent_kernel_)
+            return self._recurrent_kernel_ext2int(external)
+
+        @property
+        def _bias(self) -> Tensor:
+            return self._bias_ext2int(sLSTMCell_vanilla._bias_int2ext(self, self._bias_))
+
+    return VanillaLayoutCUDACell
+
+
+def cuda_slstm_cell(cell: nn.Module, *, build: bool = True) -> nn.Module:
+    """The CUDA-kernel twin of a vanilla sLSTM cell, sharing its parameter objects (so an optimizer
+    or a state dict sees no difference). ``build=False`` skips compiling the kernel (for tests)."""
+    config = dataclasses.replace(cell.config, backend="cuda", internal_input_shape="SBNGH")
+    twin = _cuda_slstm_cell_class()(config, skip_backend_init=not build)
+    twin._recurrent_kernel_, twin._bias_ = cell._recurrent_kernel_, cell._bias_
+    return twin
+
+
+def use_xlstm_backend(model: nn.Module, device: torch.device, backend: XLSTMBackend = "auto") -> str | None:
+    """Put a model's xLSTM blocks on ``backend`` and return the one they use: "cuda" (the sLSTM
+    cells run the ``xlstm`` package's CUDA kernel), "vanilla" (PyTorch), or None (no xLSTM).
+
+    ``auto``: the CUDA kernel on a CUDA device when the model has sLSTM cells and the kernel
+    builds, else vanilla. ``cuda`` raises ConfigError where the kernel cannot be used. The mLSTM
+    block has no kernel of its own in ``xlstm`` (its parallel form is batched matmuls).
+    Call after moving the model to ``device`` and before building the optimizer.
+    """
+    if backend not in ("auto", "cuda", "vanilla"):
+        raise ConfigError(f"xLSTM backend must be auto, cuda or vanilla, not {backend!r}")
+    if not any(type(m).__name__ == "xLSTMBlockStack" for m in model.modules()):
+        return None
+    from xlstm.blocks.slstm.layer import sLSTMLayer
+
+    layers = [m for m in model.modules() if isinstance(m, sLSTMLayer)]
+    if backend == "vanilla" or (backend == "auto" and (device.type != "cuda" or not layers)):
+        return "vanilla"
+    if device.type != "cuda" or not layers:
+        raise ConfigError("the xLSTM cuda backend needs a CUDA device and a model with sLSTM blocks")
+    try:
+        twins = [cuda_slstm_cell(layer.slstm_cell) for layer in layers]
+    except Exception as exc:  # a missing toolkit or a failed compilation: nvcc, ninja, ...
+        if backend == "cuda":
+            raise ConfigError(f"the sLSTM CUDA kernel could not be built ({exc})") from exc
+        logger.warning("sLSTM CUDA kernel unavailable (%s); using the vanilla backend", exc)
+        return "vanilla"
+    for layer, twin in zip(layers, twins):
+        layer.slstm_cell = twin.to(device)
+    return "cuda"
+
+
 class XLSTMEncoder(nn.Module):
     """(Bi-)directional xLSTM over packed sequences: per direction a linear map to the width, then
     a causal xLSTM block stack; the backward direction reads each sequence reversed in its length.
@@ -282,7 +349,8 @@ def run_dialogue_rnns(
     running (a time-major packed layout, as in ``PackedSequence``); a stream's state is left
     untouched at its invalid steps (missing modality). The u_t parts of the global/party GRU gates
     are computed for all valid utterances at once, and the attention is a running (online)
-    softmax, so memory stays linear in the dialogue length.
+    softmax, so memory stays linear in the dialogue length. The dialogue lengths are read back to
+    the host once per call (the loop's bounds); the steps themselves never wait for the device.
     """
     if not encoders:
         return []
@@ -292,13 +360,12 @@ def run_dialogue_rnns(
     order = lengths.argsort(descending=True, stable=True)
     lengths = lengths[order]
     steps = torch.arange(length, device=lengths.device)
-    active = (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(dim=1)
-    active = active[active > 0]
-    if len(active) == 0:
+    active = [n for n in (lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(dim=1).tolist() if n]  # the one host read
+    if not active:
         return [x.new_zeros(batch, length, encoder.output_dim) for encoder, x in zip(encoders, inputs)]
     # time-major packed layout: step t holds the first active[t] (longest) dialogues
-    rows = torch.cat([torch.arange(int(n), device=lengths.device) for n in active])
-    times = torch.repeat_interleave(steps[: len(active)], active)
+    rows = torch.cat([torch.arange(n) for n in active]).to(lengths.device, non_blocking=True)
+    times = torch.repeat_interleave(torch.arange(len(active)), torch.tensor(active)).to(lengths.device, non_blocking=True)
     positions = [times, lengths[rows] - 1 - times]  # forward, backward (reversed within length)
 
     streams, stream_inputs, placements = [], [], []
@@ -309,7 +376,7 @@ def run_dialogue_rnns(
     gates, stream_valid, stream_speaker = (torch.stack(part) for part in zip(*stream_inputs))
     del stream_inputs
     with torch.autocast(gates.device.type, enabled=False):  # a long recurrence: keep it in float32
-        emotions = _dialogue_rnn_streams(streams, gates.float(), stream_valid, stream_speaker, active.tolist(), batch)
+        emotions = _dialogue_rnn_streams(streams, gates.float(), stream_valid, stream_speaker, active, batch)
 
     outputs, k, unsort = [], 0, order.argsort()
     for encoder, v in zip(encoders, valid):
@@ -412,8 +479,8 @@ class ReasoningModule(nn.Module):
     """Multi-turn reasoning (DialogueCRN; xLSTM-MultiEMO eqs 1-3) with an xLSTM working memory.
 
     Each turn: q̃^(t-1) = xLSTM over the query's turn history (its recurrent state is the working
-    memory h^(t)); the SimAM-refined q̃ retrieves r = Σ_j softmax_j(q̃·c_j) c_j from the dialogue's
-    memory; q^(t) = [q̃; r]. The causal xLSTM reads the whole history [q^(0) .. q^(t-1)] each turn,
+    memory h^(t)); q̃ is matched with the dialogue's memory "through a linear layer and the simAM
+    attention mechanism" (eq 2, §3.2): r = Σ_j softmax_j(SimAM(W q̃ + b)·c_j) c_j; q^(t) = [q̃; r]. The causal xLSTM reads the whole history [q^(0) .. q^(t-1)] each turn,
     which equals stepping its recurrent state one turn at a time (its parallel form never holds
     the mLSTM's matrix memory of every query). ``gradient_checkpointing`` recomputes the xLSTM's
     activations in the backward pass instead of storing them.
@@ -428,6 +495,7 @@ class ReasoningModule(nn.Module):
             raise ConfigError("a reasoning module needs at least one turn")
         self.steps, self.use_simam, self.gradient_checkpointing = steps, use_simam, gradient_checkpointing
         self.input_proj = nn.Linear(2 * memory_dim, memory_dim)
+        self.match = nn.Linear(memory_dim, memory_dim)  # eq 2's linear layer
         self.xlstm = xlstm_stack(memory_dim, block, num_blocks, num_heads, context_length=max(steps, 2))
 
     def forward(self, query: Tensor, memory: Tensor, memory_valid: Tensor, query_valid: Tensor) -> Tensor:
@@ -435,20 +503,22 @@ class ReasoningModule(nn.Module):
 
         Only valid queries are reasoned about; the others stay q^(0).
         """
-        if not query_valid.any():
+        queries = query_valid.nonzero(as_tuple=True)  # read once: the turns never wait for the device
+        if queries[0].numel() == 0:
             return query
         history: list[Tensor] = []
         q = query
         for _ in range(self.steps):
-            history.append(self.input_proj(q[query_valid]))
+            history.append(self.input_proj(q[queries]))
             turns = torch.stack(history, dim=1)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 working_memory = checkpoint(self.xlstm, turns, use_reentrant=False)
             else:
                 working_memory = self.xlstm(turns)
             q_tilde = query.new_zeros(*query_valid.shape, memory.shape[-1])
-            q_tilde = q_tilde.index_put(query_valid.nonzero(as_tuple=True), working_memory[:, -1])
-            probe = simam(q_tilde) if self.use_simam else q_tilde
+            q_tilde = q_tilde.index_put(queries, working_memory[:, -1])
+            probe = self.match(q_tilde)
+            probe = simam(probe) if self.use_simam else probe
             weights = masked_softmax(probe @ memory.transpose(1, 2), memory_valid.unsqueeze(1))
             q = torch.where(query_valid.unsqueeze(-1), torch.cat([q_tilde, weights @ memory], dim=-1), query)
         return q

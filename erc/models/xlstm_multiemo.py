@@ -1,8 +1,10 @@
 """xLSTM-MultiEMO (Qi, Ibrayim & Tohti): xLSTM DialogueCRN context, modality encoder, MultiAttn.
 
 §3.1  linear maps as in MultiEMO (text 768->256, audio 6373->512, visual 1000 as is).
-§3.2  per modality, a DialogueCRN whose perception and reasoning recurrences are xLSTMs, with
-      SimAM-refined retrieval (eqs 1-3), see erc.models.context.DialogueCRN.
+§3.2  per modality, a DialogueCRN whose perception and reasoning recurrences are xLSTMs (eq 1);
+      each turn matches the xLSTM output with the dialogue's memory "through a linear layer and
+      the simAM attention mechanism" (eq 2: probe SimAM(W q̃ + b), retrieval r), q = [q̃; r] (eq 3);
+      see erc.models.context.DialogueCRN / ReasoningModule.
 §3.3  modality encoder: a kernel-1 Conv1d into the shared width, sinusoidal positions added, then
       intra-modal H_{m->m} and inter-modal H_{n->m} transformers (eqs 4-5); all views of modality
       m are concatenated and mapped back to the width (the public code kept only H_{m->m} and

@@ -127,6 +127,8 @@ class CompareConfig:
     config_file: Path | None = None
     variants: dict[str, str] = field(default_factory=dict)  # label -> run spec
     device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | auto, see TrainConfig
+    allow_partial: bool = False  # train on an incomplete shard set (see TrainConfig)
 
 
 @dataclass
@@ -219,6 +221,7 @@ def compare(
             result = train(TrainConfig(
                 model=spec.model, features=config.features, out=run_dir, config_file=config_files[spec.model],
                 epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=seed, device=config.device,
+                precision=config.precision, allow_partial=config.allow_partial,
                 modalities=list(spec.modalities) if spec.modalities else None, model_overrides=dict(spec.overrides),
             ))
             runs.append({

@@ -1,9 +1,11 @@
-"""Batches of whole dialogues read lazily from a shard set.
+"""Batches of whole dialogues from a shard set, held in memory when they fit.
 
 :func:`load_splits` opens a shard set, picks the modalities a run uses and the train/dev/test
 dialogues (holding out a seeded share of the training dialogues as dev when the set has no dev
-split, as the IEMOCAP papers do). :class:`DialogueDataset` reads one dialogue per item from the
-shards; :func:`collate_dialogues` pads a list of them into the batch every model takes::
+split, as the IEMOCAP papers do). :class:`DialogueDataset` gives one dialogue per item: all of
+its dialogues are read once into memory when they fit (per-frame features included), else each
+is read from the shards when asked for; :func:`collate_dialogues` pads a list of them into the
+batch every model takes::
 
     text / audio / visual           (B, L, D) float32   the selected modalities
     text_mask / audio_mask / ...    (B, L)    bool      modality present (False on padding)
@@ -31,6 +33,24 @@ from erc.errors import ConfigError, ShardError
 from erc.pipeline.shards import DialogueRef, ShardSet
 
 DEV_FRACTION = 0.1
+MEMORY_SHARE = 0.5  # a dataset is held in memory when it needs at most this share of the available memory
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (psutil, else /proc/meminfo), None if unknown."""
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return int(psutil.virtual_memory().available)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @dataclass
@@ -71,9 +91,12 @@ def hold_out_dev(train: list[DialogueRef], seed: int, fraction: float = DEV_FRAC
     return [r for r in train if r.dialogue_id not in dev_ids], [r for r in train if r.dialogue_id in dev_ids]
 
 
-def load_splits(features: Path, modalities: Sequence[str] | None = None, *, seed: int) -> DataSplits:
-    """Open the shard set at ``features`` and pick the dialogues and modalities of a run."""
-    shards = ShardSet(Path(features))
+def load_splits(
+    features: Path, modalities: Sequence[str] | None = None, *, seed: int, allow_partial: bool = False
+) -> DataSplits:
+    """Open the shard set at ``features`` and pick the dialogues and modalities of a run (an incomplete
+    set raises :class:`~erc.errors.IncompleteShardSetError` unless ``allow_partial``)."""
+    shards = ShardSet(Path(features), allow_partial=allow_partial)
     selected = select_modalities(shards, modalities)
     train, dev, test = (shards.dialogues(s) for s in ("train", "dev", "test"))
     for name, refs in (("train", train), ("test", test)):
@@ -107,38 +130,73 @@ def load_splits(features: Path, modalities: Sequence[str] | None = None, *, seed
 
 
 class DialogueDataset(Dataset):
-    """One item per dialogue, read from the shards when first asked for.
+    """One item per dialogue.
 
-    Utterance-level features are kept in memory after the first read (a few hundred MB for a whole
-    corpus); per-frame features (``frames=True``) are re-read every time.
+    ``in_memory=None`` (default) reads every dialogue once, in one pass over each shard, when the
+    items (per-frame features included with ``frames=True``) need at most ``MEMORY_SHARE`` of the
+    available memory; otherwise (or with ``in_memory=False``) a dialogue is read when first asked
+    for, its utterance-level features are kept and its per-frame features re-read every time.
     """
 
-    def __init__(self, shards: ShardSet, refs: list[DialogueRef], modalities: list[str], *, frames: bool = False):
+    def __init__(
+        self, shards: ShardSet, refs: list[DialogueRef], modalities: list[str], *, frames: bool = False,
+        in_memory: bool | None = None,
+    ):
         if frames and "visual" not in modalities:
             raise ConfigError("visual frames were asked for but the visual modality is not selected")
         self.shards, self.refs, self.modalities, self.frames = shards, refs, modalities, frames
         self._cache: dict[int, dict[str, Any]] = {}
+        if in_memory is None:
+            available = available_memory()
+            in_memory = available is not None and self.nbytes() <= MEMORY_SHARE * available
+        self.in_memory = in_memory
+        if in_memory:
+            self._read_all()
 
     def __len__(self) -> int:
         return len(self.refs)
 
+    def nbytes(self) -> int:
+        """Memory the items take (features, masks, speakers, labels; frames when asked for)."""
+        per_utterance = sum(4 * self.shards.dims[m] + 1 for m in self.modalities) + 2 * 4
+        if self.frames and self.refs:
+            frames = self.shards.load(self.refs[0], frames=True)["visual_frames"]
+            per_utterance += frames.shape[1] * (4 * frames.shape[2] + 1)
+        return per_utterance * sum(len(r) for r in self.refs)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         if i in self._cache:
             return self._cache[i]
-        item = self._read(i)
+        item = self._item(self.shards.load(self.refs[i], frames=self.frames), slice(None))
         if not self.frames:
             self._cache[i] = item
         return item
 
-    def _read(self, i: int) -> dict[str, Any]:
-        rows = self.shards.load(self.refs[i], frames=self.frames)
-        item = {"speaker": rows["speaker_index"], "label": rows["label"]}
+    def _read_all(self) -> None:
+        """Fill the cache with every item, reading each run of adjacent dialogues of a shard at once."""
+        order = sorted(range(len(self.refs)), key=lambda i: (str(self.refs[i].shard), self.refs[i].start))
+        runs: list[list[int]] = []
+        for i in order:
+            last = self.refs[runs[-1][-1]] if runs else None
+            if last is not None and last.shard == self.refs[i].shard and last.stop == self.refs[i].start:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            first, last = self.refs[run[0]], self.refs[run[-1]]
+            rows = self.shards.load(DialogueRef(first.shard, first.start, last.stop, "", first.split), frames=self.frames)
+            for i in run:
+                ref = self.refs[i]
+                self._cache[i] = self._item(rows, slice(ref.start - first.start, ref.stop - first.start))
+
+    def _item(self, rows: dict[str, Any], span: slice) -> dict[str, Any]:
+        item = {"speaker": rows["speaker_index"][span], "label": rows["label"][span]}
         for m in self.modalities:
-            item[m] = rows["features"][m]
-            item[f"{m}_mask"] = rows["present"][m]
+            item[m] = rows["features"][m][span]
+            item[f"{m}_mask"] = rows["present"][m][span]
         if self.frames:
-            item["visual_frames"] = rows["visual_frames"]
-            item["visual_frame_mask"] = rows["visual_frame_mask"]
+            item["visual_frames"] = rows["visual_frames"][span]
+            item["visual_frame_mask"] = rows["visual_frame_mask"][span]
         return item
 
 
@@ -164,12 +222,16 @@ def collate_dialogues(items: list[dict[str, Any]], modalities: list[str], *, fra
     return batch
 
 
-def make_loader(dataset: DialogueDataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Batches of ``batch_size`` dialogues; the shuffling order depends only on ``seed``."""
+def make_loader(
+    dataset: DialogueDataset, batch_size: int, *, shuffle: bool, seed: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """Batches of ``batch_size`` dialogues; the shuffling order depends only on ``seed``.
+    ``pin_memory`` (for a CUDA device) lets ``to_device`` copy batches asynchronously."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
         collate_fn=partial(collate_dialogues, modalities=dataset.modalities, frames=dataset.frames),
+        pin_memory=pin_memory,
     )

@@ -6,7 +6,9 @@ model has a preset of that name, else none, i.e. the config class defaults and
 like a preset entry, then the explicit options of :class:`TrainConfig`.
 
 The checkpoint kept is the epoch with the best DEV weighted F1; the test split is read once, after
-training. A run directory holds::
+training. A model that offers training stages (``training_stages()``, e.g. pairwise fusion's PMF
+then MFF/MAL) can be trained stage by stage (``stages``): the epoch loop runs once per stage with
+the rest of the model frozen, and config.yaml and the history record the stages. A run directory holds::
 
     config.yaml          the resolved configuration (model config, training hyperparameters, data)
     run.json             seed, package versions, git revision, features dir, config hash, splits
@@ -21,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -37,14 +40,19 @@ import torch
 import yaml
 
 from erc.errors import ConfigError
+from erc.models.blocks import TrainingStage
+from erc.models.context import use_xlstm_backend
 from erc.models.registry import MODELS, TrainHyperparameters, build_model, preset_names, train_hyperparameters
 from erc.pipeline.data import DataSplits, DialogueDataset, load_splits, make_loader
 from erc.pipeline.evaluate import (
     CHECKPOINT,
+    autocast,
     classification_metrics,
+    float32,
     load_checkpoint,
     predict,
     resolve_device,
+    resolve_precision,
     save_checkpoint,
     to_device,
 )
@@ -71,6 +79,10 @@ class TrainConfig:
     modalities: list[str] | None = None  # default: the YAML's model.modalities, else all the shards hold
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"multiattn": False}
     grad_clip: float | None = None  # max gradient norm; None = no clipping
+    stages: list[str] | None = None  # the model's training stages to run, in order (e.g. pairwise: pmf, mff)
+    precision: str = "fp32"  # fp32 | bf16 | auto (bf16 where the device computes it natively): the forward's autocast
+    xlstm_backend: str = "auto"  # auto | cuda | vanilla: the sLSTM kernel (see erc.models.context.use_xlstm_backend)
+    allow_partial: bool = False  # train on an incomplete shard set (an extraction stopped early)
 
 
 @dataclass
@@ -182,7 +194,8 @@ def train(
     device = resolve_device(config.device)
     started = time.perf_counter()
     from_file = _read_config_file(config.config_file)
-    splits = load_splits(config.features, config.modalities or from_file["model"].get("modalities"), seed=config.seed)
+    splits = load_splits(config.features, config.modalities or from_file["model"].get("modalities"), seed=config.seed,
+                         allow_partial=config.allow_partial)
     with closing(splits.shards), deterministic_algorithms(True) if device.type == "cpu" else nullcontext():
         preset, hparams, model_overrides = resolve_settings(config, splits, from_file)
         seed_everything(config.seed)
@@ -190,6 +203,8 @@ def train(
             config.model, input_dims=splits.input_dims, num_classes=len(splits.label_names),
             preset=preset, overrides=model_overrides,
         ).to(device)
+        xlstm_backend = use_xlstm_backend(model, device, config.xlstm_backend)
+        stages = plan_stages(model, config.stages, hparams) if config.stages else []
         frames = bool(getattr(model, "needs_frames", False))
         features = str(Path(config.features).resolve())
         out.mkdir(parents=True, exist_ok=True)
@@ -202,9 +217,16 @@ def train(
             "grad_clip": config.grad_clip,
             "seed": config.seed,
             "device": str(device),
+            "precision": resolve_precision(config.precision, device),
+            "xlstm_backend": xlstm_backend,
             "features": features,
             "modalities": splits.modalities,
         }
+        if stages:
+            resolved["stages"] = [
+                {**dataclasses.asdict(stage), "epochs": hp.epochs, "lr": hp.lr, "weight_decay": hp.weight_decay}
+                for stage, hp in stages
+            ]
         _write_run_files(out, resolved, splits)
         checkpoint_record = {
             "model": config.model,
@@ -217,8 +239,14 @@ def train(
             "seed": config.seed,
             "features": features,
         }
-        history, best_epoch, best_dev = _fit(
-            model, splits, hparams, config, device, frames, out / CHECKPOINT, checkpoint_record, on_batch, on_epoch
+
+        def fit(fit_hparams: TrainHyperparameters, report: Callable[[dict[str, Any]], None] | None) -> tuple:
+            return _fit(
+                model, splits, fit_hparams, config, device, frames, out / CHECKPOINT, checkpoint_record, on_batch, report
+            )
+
+        history, best_epoch, best_dev = (
+            _fit_stages(model, stages, fit, on_epoch, out / CHECKPOINT) if stages else fit(hparams, on_epoch)
         )
         model.load_state_dict(load_checkpoint(out / CHECKPOINT)["state_dict"])
         test_data = DialogueDataset(splits.shards, splits.test, splits.modalities, frames=frames)
@@ -232,8 +260,80 @@ def train(
     _write_confusion_csv(out / "confusion_matrix.csv", test["confusion_matrix"], splits.label_names)
     plot_confusion_matrix(test["confusion_matrix"], splits.label_names, out / "confusion_matrix.png",
                           title=f"{config.model} test (weighted F1 {test['weighted_f1']:.3f})")
-    plot_training_curves(history, best_epoch, out / "training_curves.png")
+    terms = dict.fromkeys(name for record in history for name in record["train"])  # stages train on different terms
+    curves = [{**record, "train": {name: record["train"].get(name, math.nan) for name in terms}} for record in history]
+    plot_training_curves(curves, best_epoch, out / "training_curves.png")
     return TrainResult(run_dir=out, best_epoch=best_epoch, dev=best_dev, test=test, history=history, seconds=seconds)
+
+
+def plan_stages(
+    model: torch.nn.Module, names: list[str], hparams: TrainHyperparameters
+) -> list[tuple[TrainingStage, TrainHyperparameters]]:
+    """The model's training stages named in ``names``, each with its hyperparameters: its own
+    learning rate and weight decay where it has them, its share of the run's epochs.
+
+    The names must follow the model's order and end with its last stage (the one that trains what
+    predicts).
+    """
+    offered = model.training_stages() if hasattr(model, "training_stages") else []
+    order = [stage.name for stage in offered]
+    if not offered:
+        raise ConfigError(f"{type(model).__name__} has no training stages")
+    unknown = [name for name in names if name not in order]
+    if unknown:
+        raise ConfigError(f"unknown training stage(s) {', '.join(unknown)}; {type(model).__name__} has {', '.join(order)}")
+    positions = [order.index(name) for name in names]
+    if positions != sorted(set(positions)) or positions[-1] != len(order) - 1:
+        raise ConfigError(f"stages must follow the order {', '.join(order)} once each and end with {order[-1]}")
+    chosen = [offered[i] for i in positions]
+    counts = [None if s.epochs is None else max(1, round(s.epochs * hparams.epochs)) for s in chosen]
+    left, free = hparams.epochs - sum(n for n in counts if n is not None), counts.count(None)
+    shares = iter([left // free + (k < left % free) for k in range(free)]) if free else iter(())
+    counts = [n if n is not None else next(shares) for n in counts]
+    if min(counts) < 1:
+        raise ConfigError(f"{hparams.epochs} epochs are too few for the stages {', '.join(names)}")
+    return [
+        (stage, dataclasses.replace(
+            hparams, epochs=n, lr=hparams.lr if stage.lr is None else stage.lr,
+            weight_decay=hparams.weight_decay if stage.weight_decay is None else stage.weight_decay,
+        ))
+        for stage, n in zip(chosen, counts)
+    ]
+
+
+def _fit_stages(
+    model: torch.nn.Module,
+    stages: list[tuple[TrainingStage, TrainHyperparameters]],
+    fit: Callable[[TrainHyperparameters, Callable[[dict[str, Any]], None] | None], tuple],
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+    checkpoint_path: Path,
+) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
+    """Run the epoch loop once per stage: only the stage's modules train (every other parameter is
+    frozen), and each stage starts from the best-dev weights of the one before. History records
+    carry their stage and run-wide epoch numbers; the result is the last stage's best."""
+    history: list[dict[str, Any]] = []
+    offset, best_epoch, best_dev = 0, 0, {}
+    try:
+        for stage, stage_hparams in stages:
+            model.requires_grad_(False)
+            for name in stage.modules:
+                model.get_submodule(name).requires_grad_(True)
+            model.begin_stage(stage.name)
+
+            def relabel(record: dict[str, Any], name: str = stage.name, shift: int = offset) -> dict[str, Any]:
+                epochs = {"epoch": record["epoch"] + shift, "best_epoch": record["best_epoch"] + shift}
+                return {**record, "stage": name, **epochs}
+
+            report = None if on_epoch is None else lambda record: on_epoch(relabel(record))
+            records, best_epoch, best_dev = fit(stage_hparams, report)
+            history += [relabel(record) for record in records]
+            best_epoch += offset
+            offset += stage_hparams.epochs
+            model.load_state_dict(load_checkpoint(checkpoint_path)["state_dict"])
+    finally:
+        model.begin_stage(None)
+        model.requires_grad_(True)
+    return history, best_epoch, best_dev
 
 
 def _fit(
@@ -248,13 +348,19 @@ def _fit(
     on_batch: Callable[[int, int, int], None] | None,
     on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
-    """The epoch loop; saves the best-dev checkpoint and returns (history, best epoch, its dev metrics)."""
+    """The epoch loop; saves the best-dev checkpoint and returns (history, best epoch, its dev metrics).
+
+    The forward pass runs under the run's precision (autocast), the losses and the dev evaluation
+    in float32. Loss terms are summed on the device and read back once per epoch.
+    """
+    precision, pin = resolve_precision(config.precision, device), device.type == "cuda"
     train_loader = make_loader(
         DialogueDataset(splits.shards, splits.train, splits.modalities, frames=frames),
-        hparams.batch_size, shuffle=True, seed=config.seed,
+        hparams.batch_size, shuffle=True, seed=config.seed, pin_memory=pin,
     )
     dev_loader = make_loader(
-        DialogueDataset(splits.shards, splits.dev, splits.modalities, frames=frames), hparams.batch_size, shuffle=False
+        DialogueDataset(splits.shards, splits.dev, splits.modalities, frames=frames), hparams.batch_size,
+        shuffle=False, pin_memory=pin,
     )
     optimizer = OPTIMIZERS[hparams.optimizer](
         model.parameters(), lr=hparams.lr, betas=hparams.betas, weight_decay=hparams.weight_decay
@@ -270,28 +376,31 @@ def _fit(
         epoch_started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = defaultdict(int)
         for step, batch in enumerate(train_loader, 1):
             batch = to_device(batch, device)
-            terms = model.loss(model(batch), batch, class_counts)
+            with autocast(device, precision):
+                output = model(batch)
+            terms = model.loss(float32(output), batch, class_counts)
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            for name, value in terms.items():
-                sums[name] += value.item()
+            for name, value in terms.items():  # float64 sums on the device (.double() copies)
+                sums[name] = sums[name].add_(value.detach()) if name in sums else value.detach().double()
                 counts[name] += 1
             if on_batch is not None:
                 on_batch(epoch, step, len(train_loader))
         if scheduler is not None:
             scheduler.step()
         dev = classification_metrics(*predict(model, dev_loader, device), splits.label_names)
+        totals = torch.stack(list(sums.values())).tolist() if sums else []  # the epoch's one read of the losses
         record = {
             "epoch": epoch,
             "lr": lr,
-            "train": {name: sums[name] / counts[name] for name in sums},
+            "train": {name: total / counts[name] for name, total in zip(sums, totals)},
             "dev": {k: dev[k] for k in ("weighted_f1", "accuracy", "macro_f1")},
             "seconds": time.perf_counter() - epoch_started,
         }
@@ -314,6 +423,9 @@ def _write_run_files(out: Path, resolved: dict[str, Any], splits: DataSplits) ->
         "versions": package_versions(),
         "git": git_revision(),
         "torch_threads": torch.get_num_threads(),
+        "device": resolved["device"],
+        "precision": resolved["precision"],
+        "xlstm_backend": resolved["xlstm_backend"],
         "features": resolved["features"],
         "dataset": splits.shards.index.get("dataset"),
         "config_hash": splits.shards.index["config_hash"],

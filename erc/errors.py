@@ -27,3 +27,19 @@ class ShardError(ErcError):
 
 class ConfigError(ErcError):
     """Options that cannot work together, or weights that do not match what a run recorded."""
+
+
+class CorpusEncodingError(CorpusError, ConfigError):
+    """A corpus text file (a manifest) is not valid UTF-8."""
+
+
+class IncompleteShardSetError(ShardError):
+    """A shard set lacks planned shards (its extraction stopped early) and partial use was not allowed."""
+
+
+class ExtractionError(ErcError):
+    """``--strict`` extraction met an unexpected exception, or a shard could not be extracted at all."""
+
+
+class ErcWarning(UserWarning):
+    """Something a user should know that does not stop the run (e.g. a class without training examples)."""

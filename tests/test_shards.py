@@ -1,11 +1,13 @@
 """The shard writer/reader: round trip, masks, atomicity, truncated files."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from erc.errors import ShardError
+from erc.errors import IncompleteShardSetError, ShardError
 from erc.pipeline.shards import ShardSet, UtteranceRecord, build_index, config_hash, write_shard
 
 DIMS = {"text": 4, "audio": 6, "visual": 5}
@@ -90,3 +92,50 @@ def test_mixed_configs_refused(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps(index))
     with pytest.raises(ShardError, match="another config"):
         ShardSet(tmp_path)
+
+
+def _plan(tmp_path, names):
+    (tmp_path / "plan.json").write_text(json.dumps({"config_hash": "x", "shards": {n: [] for n in names}}))
+
+
+def test_set_missing_planned_shards_is_incomplete_and_refused(tmp_path):
+    _write_set(tmp_path, np.random.default_rng(4))
+    _plan(tmp_path, ["00000.h5", "00001.h5", "00002.h5"])  # the run stopped before writing 00002.h5
+    index = build_index(tmp_path)
+    assert index["complete"] is False and index["missing_shards"] == ["00002.h5"] and index["planned_shards"] == 3
+    with pytest.raises(IncompleteShardSetError, match=r"1 of 3 planned shards are missing \(00002\.h5\).*--allow-partial"):
+        ShardSet(tmp_path)
+    partial = ShardSet(tmp_path, allow_partial=True)
+    assert not partial.complete and partial.missing_shards == ["00002.h5"]
+    assert [r.dialogue_id for r in partial.dialogues()] == ["d0", "d1", "d2"]
+    # the plan, not a stale index, decides: an index without the flag is still checked against plan.json
+    stale = {k: v for k, v in index.items() if k not in ("complete", "missing_shards")}
+    (tmp_path / "index.json").write_text(json.dumps(stale))
+    with pytest.raises(IncompleteShardSetError):
+        ShardSet(tmp_path)
+    _plan(tmp_path, ["00000.h5", "00001.h5"])
+    assert build_index(tmp_path)["complete"] and ShardSet(tmp_path).complete
+
+
+def test_shard_and_directory_are_fsynced_around_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        synced.append(("rename", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "00000.h5"
+    write_shard(target, _records("d0", 2, "train", np.random.default_rng(5)), attrs={}, dims=DIMS, num_frames=3)
+    rename = next(i for i, entry in enumerate(synced) if isinstance(entry, tuple))
+    tmp_name = synced[rename][1]
+    assert Path(tmp_name).name.startswith(".00000.h5.") and tmp_name.endswith(".tmp")
+    assert synced[rename - 1] == tmp_name, "the file is fsynced before the rename"
+    assert synced[rename + 1] == str(tmp_path), "the directory is fsynced after the rename"
+    assert [p.name for p in tmp_path.iterdir()] == ["00000.h5"]

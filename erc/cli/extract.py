@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from erc.errors import ErcError
+from erc.errors import ErcError, ErcWarning
 
 console = Console()
 
@@ -52,7 +53,7 @@ def extract_command(
     manifest: ManifestOption = None,
     text_model: TextModelOption = "roberta-base",
     text_max_length: Annotated[int, typer.Option(help="tokens of each context input (current utterance kept whole)")] = 512,
-    text_pooling: Annotated[str | None, typer.Option(help="first | mean | utterance (default: the fine-tuned one, else first)")] = None,
+    text_pooling: Annotated[str | None, typer.Option(help="first | mean | utterance (default: from the checkpoint: its fine-tuning, a sentence-transformers mean -> utterance, else first)")] = None,
     face_weights: Annotated[Path | None, typer.Option(help="ResNet-101 state dict (torchvision or MultiEMO layout)")] = None,
     random_face_weights: Annotated[bool, typer.Option(help="untrained ResNet-101 (testing only; recorded in the shards)")] = False,
     faces: Annotated[str, typer.Option(help="all | largest: faces averaged per frame")] = "all",
@@ -68,29 +69,52 @@ def extract_command(
     max_failures: Annotated[int | None, typer.Option(help="stop when more utterances fail (default: 10% of them)")] = None,
     dialogues_per_shard: Annotated[int, typer.Option(help="dialogues per HDF5 shard")] = 8,
     seed: Annotated[int, typer.Option(help="seed of random face weights")] = 0,
+    labels: Annotated[str | None, typer.Option(help="manifest: the class names, comma-separated, in this order (labels match ignoring case)")] = None,
+    strict: Annotated[bool, typer.Option(help="stop at the first unforeseen exception instead of recording it against the item")] = False,
+    scheduler_timeout: Annotated[float, typer.Option(help="seconds to reach --scheduler and for its first worker")] = 60.0,
+    detect_max_side: Annotated[int, typer.Option(help="MTCNN sees frames shrunk to this longest side (0: full size)")] = 640,
 ) -> None:
     """Extract text, audio and visual features of a corpus into HDF5 shards."""
     from erc.pipeline.extract import ExtractConfig, extract
 
+    show_other = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # ErcWarnings as one yellow line
+        if issubclass(category, ErcWarning):
+            console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+        else:
+            show_other(message, category, filename, lineno, file, line)
+
     try:
-        config = ExtractConfig(
-            dataset=dataset, root=root, out=out, manifest=manifest, text_model=text_model, text_max_length=text_max_length,
-            text_pooling=text_pooling, face_weights=face_weights,
-            random_face_weights=random_face_weights, faces=faces, num_frames=num_frames,
-            modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), label_set=label_set,
-            precision=precision, workers=workers, scheduler=scheduler, device=device, limit=limit,
-            overwrite=overwrite, max_failures=max_failures, dialogues_per_shard=dialogues_per_shard, seed=seed,
-        )
-        if config.random_face_weights and "visual" in config.modalities:
-            console.print("[yellow]visual features use RANDOM face weights: fine for testing, meaningless for research[/yellow]")
-        with utterance_progress(f"extract {dataset}") as progress:
-            result = extract(config, progress=progress)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", ErcWarning)
+            warnings.showwarning = show
+            config = ExtractConfig(
+                dataset=dataset, root=root, out=out, manifest=manifest, text_model=text_model,
+                text_max_length=text_max_length, text_pooling=text_pooling, face_weights=face_weights,
+                random_face_weights=random_face_weights, faces=faces, num_frames=num_frames,
+                modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), label_set=label_set,
+                precision=precision, workers=workers, scheduler=scheduler, device=device, limit=limit,
+                overwrite=overwrite, max_failures=max_failures, dialogues_per_shard=dialogues_per_shard, seed=seed,
+                labels=tuple(name.strip() for name in labels.split(",")) if labels is not None else None,
+                strict=strict, scheduler_timeout=scheduler_timeout, detect_max_side=detect_max_side or None,
+            )
+            if "text" in config.modalities:
+                from erc.features.text import pooling_choice
+
+                console.print(f"text pooling: {config.text_pooling} ({pooling_choice(text_pooling, text_model)[1]})")
+            if config.random_face_weights and "visual" in config.modalities:
+                console.print("[yellow]visual features use RANDOM face weights: fine for testing, meaningless for "
+                              "research[/yellow]")
+            with utterance_progress(f"extract {dataset}") as progress:
+                result = extract(config, progress=progress)
     except ErcError as exc:
         raise fail(exc) from None
+    incomplete = "" if result.complete else "; the shard set is INCOMPLETE"
     console.print(
         f"{result.utterances} utterances in {result.shards_written + result.shards_skipped} shards "
         f"({result.shards_written} written, {result.shards_skipped} already done) in {result.seconds:.1f} s; "
-        f"{len(result.failures)} failures (see {out / 'report.json'})"
+        f"{len({f['item'] for f in result.failures})} utterances with failures{incomplete} (see {out / 'report.json'})"
     )
 
 
@@ -112,7 +136,10 @@ def inspect_command(
 
 
 def print_summary(summary: dict) -> None:
-    state = "complete" if summary["complete"] else "INCOMPLETE (re-run extract to resume)"
+    missing = summary.get("missing_shards") or []
+    state = ("complete" if summary["complete"] else
+             f"INCOMPLETE: missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (re-run extract to "
+             "resume; train/evaluate/compare/predict refuse it without --allow-partial)")
     console.print(f"[bold]{summary['directory']}[/bold]: {summary['dataset']}, "
                   f"{summary['shards']['done']}/{summary['shards']['planned']} shards, {state}")
     labels = Table(title="utterances per split and label")
@@ -134,7 +161,8 @@ def print_summary(summary: dict) -> None:
         dims.add_row(modality, str(dim), str(summary["missing"][modality]))
     console.print(dims)
     failures = summary["failures"]
-    console.print(f"failures: {failures['count']} ({failures['utterances']} utterances) {failures['by_modality']}")
+    console.print(f"failures: {failures['count']} ({failures['utterances']} utterances) {failures['by_modality']} "
+                  f"{failures.get('by_type', {})}", highlight=False)
     for item in failures["items"][:10]:
         console.print(f"  {item['item']} [{item['modality']}]: {item['error']}", highlight=False)
     provenance = summary["provenance"]

@@ -17,12 +17,13 @@ def predict_command(
     manifest: Annotated[Path, typer.Option(help="conversation(s) as a manifest CSV; label and split columns optional")],
     out: Annotated[Path | None, typer.Option(help="write the predictions to FILE.csv or FILE.json")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    allow_partial: Annotated[bool, typer.Option(help="accept a run trained on an incomplete shard set")] = False,
 ) -> None:
     """Predict the emotion of every utterance of a conversation with a trained run."""
     from erc.pipeline.predict import predict_conversation
 
     try:
-        rows = predict_conversation(run, manifest, out, device=device)
+        rows = predict_conversation(run, manifest, out, device=device, allow_partial=allow_partial)
     except ErcError as exc:
         raise fail(exc) from None
     for dialogue_id in dict.fromkeys(row["dialogue_id"] for row in rows):

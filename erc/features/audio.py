@@ -30,7 +30,11 @@ def _span_text(start: float | None, end: float | None) -> str:
 def _decode_mono(
     container: av.container.InputContainer, stream: av.AudioStream, start: float, end: float | None
 ) -> tuple[np.ndarray, int]:
-    """Decode ``stream`` between ``start`` and ``end`` seconds at its native rate, channels averaged."""
+    """Decode ``stream`` between ``start`` and ``end`` seconds at its native rate, channels averaged.
+
+    A decoding error after some samples of the span decoded ends the span there (a truncated file whose
+    header still lists the lost packets keeps the audio that exists); one before any sample propagates.
+    """
     if start > 0 and stream.time_base is not None:
         try:  # jump to the last packet at or before `start` instead of decoding the whole file
             container.seek(int(start / stream.time_base), stream=stream, backward=True)
@@ -40,7 +44,16 @@ def _decode_mono(
     pieces: list[np.ndarray] = []
     rate = stream.rate
     clock = 0.0
-    for packet_frame in container.decode(stream):
+    frames = container.decode(stream)
+    while True:
+        try:
+            packet_frame = next(frames)
+        except StopIteration:
+            break
+        except av.FFmpegError:
+            if pieces:
+                break
+            raise
         if packet_frame.time is not None:
             clock = packet_frame.time
         if end is not None and clock >= end:

@@ -7,15 +7,18 @@ label, media paths and time span. Extraction, fine-tuning and prediction only ev
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import math
 import re
+import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from erc.errors import ConfigError, CorpusError
+from erc.errors import ConfigError, CorpusEncodingError, CorpusError, ErcWarning
 
 SPLITS = ("train", "dev", "test")
 
@@ -353,20 +356,45 @@ MANIFEST_COLUMNS = ("dialogue_id", "utterance_index", "speaker", "text")
 MANIFEST_LABELLED_COLUMNS = ("label", "split")
 
 
-def read_manifest(path: Path, allow_unlabeled: bool = False) -> Corpus:
+def read_utf8_text(path: Path, what: str = "manifest") -> str:
+    """The text of a UTF-8 file (a leading BOM is dropped). Bytes that are not UTF-8 raise
+    :class:`CorpusEncodingError` naming the line, column and byte, never a raw UnicodeDecodeError."""
+    raw = Path(path).read_bytes()
+    offset = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[offset:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = offset + exc.start
+        line = raw.count(b"\n", 0, at) + 1
+        column = at - (raw.rfind(b"\n", 0, at) + 1) + 1
+        raise CorpusEncodingError(
+            f"{path}: line {line}: byte 0x{raw[at]:02x} at column {column} is not UTF-8; save the {what} as UTF-8 "
+            f"(e.g. `iconv -f cp1252 -t utf-8`)"
+        ) from None
+
+
+def read_manifest(path: Path, allow_unlabeled: bool = False, labels: Sequence[str] | None = None) -> Corpus:
     """Read erc's manifest CSV (see FORMATS.md); media paths are relative to the manifest's folder.
 
-    ``label_names`` are the labels found, sorted. With ``allow_unlabeled`` (prediction) the ``label``
-    and ``split`` columns may be absent or empty: label ``None``, split ``test``. Without an ``audio``
-    path the utterance's audio is the video's track (``audio == video``); ``start``/``end`` cut both.
+    ``label_names`` are the labels found, sorted, or ``labels`` when given: that vocabulary, in that
+    order, each manifest label matched to it ignoring case (a label outside it is an error naming the
+    line). Without ``labels``, labels that differ only in case ("Joy"/"joy") are an error naming their
+    lines rather than two classes. A class without any training utterance gives an
+    :class:`~erc.errors.ErcWarning`. The file must be UTF-8 (:func:`read_utf8_text`). With
+    ``allow_unlabeled`` (prediction) the ``label`` and ``split`` columns may be absent or empty: label
+    ``None``, split ``test``. Without an ``audio`` path the utterance's audio is the video's track
+    (``audio == video``); ``start``/``end`` cut both.
     """
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: manifest not found")
+    vocabulary = _label_vocabulary(labels)
     required = MANIFEST_COLUMNS + (() if allow_unlabeled else MANIFEST_LABELLED_COLUMNS)
     turns: dict[str, list[tuple[int, Utterance]]] = {}
     dialogue_lines: dict[str, tuple[str, int]] = {}
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    label_lines: dict[str, list[int]] = {}
+    train_labels: Counter[str] = Counter()
+    with io.StringIO(read_utf8_text(path), newline="") as f:
         reader = csv.DictReader(f)
         reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
         missing = [c for c in required if c not in reader.fieldnames]
@@ -388,6 +416,14 @@ def read_manifest(path: Path, allow_unlabeled: bool = False) -> Corpus:
             label = value.get("label", "") or None
             if label is None and not allow_unlabeled:
                 raise CorpusError(f"{where}: empty label")
+            if label is not None and vocabulary is not None:
+                if label.casefold() not in vocabulary:
+                    raise CorpusError(f"{where}: label {label!r} is not one of --labels {','.join(vocabulary.values())}")
+                label = vocabulary[label.casefold()]
+            if label is not None:
+                label_lines.setdefault(label, []).append(reader.line_num)
+                if split == "train":
+                    train_labels[label] += 1
             first_split, first_line = dialogue_lines.setdefault(dialogue_id, (split, reader.line_num))
             if split != first_split:
                 raise CorpusError(
@@ -425,8 +461,53 @@ def read_manifest(path: Path, allow_unlabeled: bool = False) -> Corpus:
         indices = speaker_indices([u.speaker for u in ordered])
         utterances = [replace(u, index=i, speaker_index=s) for i, (u, s) in enumerate(zip(ordered, indices))]
         dialogues.append(Dialogue(dialogue_id, utterances[0].split, utterances))
-    labels = sorted({u.label for d in dialogues for u in d.utterances if u.label is not None})
-    return Corpus("manifest", labels, dialogues)
+    if vocabulary is not None:
+        label_names = list(vocabulary.values())
+    else:
+        label_names = sorted(label_lines)
+        if not allow_unlabeled:
+            _check_label_case(path, label_lines)
+    if not allow_unlabeled:
+        untrained = [name for name in label_names if not train_labels[name]]
+        if untrained:
+            where = "; ".join(f"{name!r}: " + (f"lines {_lines(label_lines[name])}" if name in label_lines else "no row")
+                              for name in untrained)
+            warnings.warn(f"{path}: class(es) with no training example, the model cannot learn them: {where}",
+                          ErcWarning, stacklevel=2)
+    return Corpus("manifest", label_names, dialogues)
+
+
+def _label_vocabulary(labels: Sequence[str] | None) -> dict[str, str] | None:
+    """``--labels``: casefolded name -> name, in the given order; None when not given."""
+    if labels is None:
+        return None
+    names = [str(name).strip() for name in labels]
+    if not names or any(not name for name in names):
+        raise ConfigError(f"--labels needs a comma-separated list of class names, got {','.join(names)!r}")
+    vocabulary: dict[str, str] = {}
+    for name in names:
+        if name.casefold() in vocabulary:
+            raise ConfigError(f"--labels names {vocabulary[name.casefold()]!r} and {name!r}: the same class twice")
+        vocabulary[name.casefold()] = name
+    return vocabulary
+
+
+def _lines(numbers: list[int], shown: int = 3) -> str:
+    return ", ".join(map(str, numbers[:shown])) + (f" (+{len(numbers) - shown} more)" if len(numbers) > shown else "")
+
+
+def _check_label_case(path: Path, label_lines: dict[str, list[int]]) -> None:
+    """Refuse labels that differ only in case: they would silently become separate classes."""
+    by_fold: dict[str, list[str]] = {}
+    for name in label_lines:
+        by_fold.setdefault(name.casefold(), []).append(name)
+    clashes = [names for names in by_fold.values() if len(names) > 1]
+    if clashes:
+        described = " and ".join(f"{name!r} (line {_lines(label_lines[name])})" for name in clashes[0])
+        raise CorpusError(
+            f"{path}: labels differing only in case would become separate classes: {described}; make them "
+            "identical, or pass --labels to fix the class names and their order"
+        )
 
 
 def _manifest_time(where: str, value: dict[str, str], column: str) -> float | None:
@@ -455,21 +536,25 @@ def load_corpus(
     manifest: Path | None = None,
     label_set: str = "6class",
     allow_unlabeled: bool = False,
+    labels: Sequence[str] | None = None,
 ) -> Corpus:
     """Read ``dataset`` (iemocap | meld | manifest) from ``root``.
 
-    ``label_set`` applies to IEMOCAP and ``allow_unlabeled`` to manifests; other readers ignore them.
+    ``label_set`` applies to IEMOCAP, ``allow_unlabeled`` and ``labels`` (a fixed class vocabulary,
+    see :func:`read_manifest`) to manifests; ``labels`` with another dataset is a ConfigError.
     For ``manifest`` the CSV is ``manifest`` if given, else ``root`` itself when it is a file, else
     ``root/manifest.csv``.
     """
     root = Path(root)
+    if labels is not None and dataset != "manifest":
+        raise ConfigError("--labels applies to manifest corpora (IEMOCAP's classes come from --label-set, MELD's are fixed)")
     if dataset == "iemocap":
         return read_iemocap(root, label_set)
     if dataset == "meld":
         return read_meld(root)
     if dataset == "manifest":
         csv_path = Path(manifest) if manifest is not None else root if root.is_file() else root / "manifest.csv"
-        return read_manifest(csv_path, allow_unlabeled)
+        return read_manifest(csv_path, allow_unlabeled, labels)
     raise ConfigError(f"unknown dataset {dataset!r}; use one of {', '.join(DATASETS)}")
 
 

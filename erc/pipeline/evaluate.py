@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from erc.errors import ConfigError
+from erc.models.context import use_xlstm_backend
 from erc.models.registry import build_model
 from erc.pipeline.data import DialogueDataset, load_splits, make_loader
 
@@ -30,22 +34,68 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16)."""
+    if "AMX" in torch.backends.cpu.get_cpu_capability():
+        return True
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"^(flags|Features)\s*:.*\b(avx512_bf16|amx_bf16|bf16)\b", cpuinfo, re.MULTILINE) is not None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"fp32" or "bf16". ``auto`` = bf16 on a CUDA GPU that computes it natively and on CPUs with
+    native bf16, else fp32; ``bf16`` is honoured anywhere (emulated where it is not native)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """The forward pass's autocast context for a resolved precision (fp32: autocast off)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def float32(value: Any) -> Any:
+    """``value`` with its floating-point tensors (also inside dicts and dataclasses such as
+    ``ModelOutput``) in float32, so that losses are computed in float32 after a bf16 forward.
+    float32 tensors are returned as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: float32(v) for key, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: float32(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init})
+    return value
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy a batch to ``device``; asynchronous on CUDA when the loader pins its memory."""
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(true, predicted) label of every labeled utterance, in loader order."""
+    """(true, predicted) label of every labeled utterance, in loader order (in float32; read back
+    from the device once, at the end)."""
     model.eval()
     true, predicted = [], []
     for batch in loader:
         batch = to_device(batch, device)
         logits = model(batch).logits
         labeled = batch["label"] >= 0
-        true.append(batch["label"][labeled].cpu())
-        predicted.append(logits.argmax(-1)[labeled].cpu())
-    return torch.cat(true).numpy(), torch.cat(predicted).numpy()
+        true.append(batch["label"][labeled])
+        predicted.append(logits.argmax(-1)[labeled])
+    return torch.cat(true).cpu().numpy(), torch.cat(predicted).cpu().numpy()
 
 
 def classification_metrics(true: np.ndarray, predicted: np.ndarray, label_names: list[str]) -> dict[str, Any]:
@@ -82,14 +132,20 @@ def load_model(checkpoint: dict[str, Any], device: torch.device) -> nn.Module:
         overrides=checkpoint["model_config"],
     )
     model.load_state_dict(checkpoint["state_dict"])
-    return model.to(device)
+    model.to(device)
+    use_xlstm_backend(model, device)
+    return model
 
 
-def evaluate_run(run_dir: Path, features: Path | None = None, *, device: str = "auto") -> dict[str, Any]:
-    """Test metrics of ``run_dir``'s best checkpoint on the shard set it was trained on (or ``features``)."""
+def evaluate_run(
+    run_dir: Path, features: Path | None = None, *, device: str = "auto", allow_partial: bool = False
+) -> dict[str, Any]:
+    """Test metrics of ``run_dir``'s best checkpoint on the shard set it was trained on (or ``features``;
+    an incomplete set only with ``allow_partial``)."""
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT)
-    splits = load_splits(features or checkpoint["features"], checkpoint["modalities"], seed=checkpoint["seed"])
+    splits = load_splits(features or checkpoint["features"], checkpoint["modalities"], seed=checkpoint["seed"],
+                         allow_partial=allow_partial)
     recorded_hash = json.loads((run_dir / "index.json").read_text())["config_hash"]
     if splits.shards.index["config_hash"] != recorded_hash or splits.label_names != checkpoint["label_names"]:
         raise ConfigError(
@@ -99,5 +155,6 @@ def evaluate_run(run_dir: Path, features: Path | None = None, *, device: str = "
     torch_device = resolve_device(device)
     model = load_model(checkpoint, torch_device)
     test = DialogueDataset(splits.shards, splits.test, splits.modalities, frames=checkpoint["frames"])
-    true, predicted = predict(model, make_loader(test, checkpoint["batch_size"], shuffle=False), torch_device)
+    loader = make_loader(test, checkpoint["batch_size"], shuffle=False, pin_memory=torch_device.type == "cuda")
+    true, predicted = predict(model, loader, torch_device)
     return classification_metrics(true, predicted, splits.label_names)

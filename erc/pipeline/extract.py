@@ -1,11 +1,25 @@
 """The extraction stage: a corpus on disk -> HDF5 feature shards, in parallel on a Dask cluster.
 
-The client reads the corpus, plans shards of whole dialogues (``plan.json``), submits one task per
-shard that is not on disk yet, and writes each shard atomically as its task returns. Workers keep
-their models loaded between tasks (one load per worker process). A failed item (missing or corrupt
-media, no audio track, no face) becomes a missing-modality mask plus a line in the shard's failure
-list and in ``report.json``; the run stops with a clear message once more than ``max_failures``
-utterances have failed.
+The client reads the corpus, plans shards of whole dialogues (``plan.json``), checks that every
+worker sees the corpus, weights and output paths, and submits one task per shard that is not on
+disk yet. Each worker extracts its shard's dialogues and writes the shard itself (fsync + atomic
+rename into ``OUT/shards``, which must be on storage the client and the workers share), then
+returns a small summary; the client releases each future as it finishes. Workers keep their models
+loaded between tasks (one load per worker process).
+
+Failures are per utterance and modality: ANY exception while extracting one modality of one
+utterance (a foreseen :class:`MediaError`: missing or corrupt media, no audio track, no face; or
+anything else: a ``cv2.error``, an openSMILE ``RuntimeError``, a NumPy ``ValueError``) masks that
+modality, is recorded against the item (exception type, one-line message, and for unforeseen
+exceptions the traceback) in the shard and in ``report.json``, and counts toward ``max_failures``;
+``strict=True`` stops at the first unforeseen exception instead. A worker process that dies
+(segfault in a decoder, killed for memory: Dask's ``KilledWorker``) does not end the run: every
+media item of that shard is probed alone, the item whose probe kills its worker again is recorded as
+failed and skipped, and the shard is extracted again (at most ``MAX_SHARD_ATTEMPTS`` times).
+
+The run stops with a clear message once more than ``max_failures`` utterances have failed; the set
+it leaves is marked incomplete (``index.json``: ``complete: false``) and readers refuse it unless
+told to allow a partial set. Re-running resumes: finished shards of the same configuration are kept.
 """
 
 from __future__ import annotations
@@ -14,24 +28,36 @@ import os
 import shutil
 import threading
 import time
+import traceback
+import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from erc.errors import ConfigError, ErcError, MediaError, ShardError
-from erc.pipeline.corpus import Corpus, Dialogue, limit_dialogues, load_corpus
+import numpy as np
+
+import erc
+from erc.errors import ConfigError, ErcError, ExtractionError, MediaError, ShardError
+from erc.pipeline.corpus import Corpus, Dialogue, Utterance, limit_dialogues, load_corpus
 from erc.pipeline.shards import (
     MODALITIES,
     UtteranceRecord,
     build_index,
     config_hash,
+    read_shard_attrs,
     summarize_shard,
     write_json_atomic,
     write_shard,
 )
 
 DEFAULT_TEXT_MODEL = "roberta-base"
+MAX_SHARD_ATTEMPTS = 3
+"""A shard whose worker process dies is isolated and extracted again at most this many times in all."""
+MAX_MESSAGE = 500
+"""Characters of an exception's first line kept as a failure's one-line message."""
+MAX_TRACEBACK = 20_000
 
 
 @dataclass
@@ -63,9 +89,26 @@ class ExtractConfig:
     overwrite: bool = False
     max_failures: int | None = None
     dialogues_per_shard: int = 8
+    labels: tuple[str, ...] | None = None  # manifest: the class vocabulary, in this order (--labels)
+    detect_max_side: int | None = 640  # MTCNN sees frames shrunk to this longest side (None: full size)
+    strict: bool = False  # stop at the first unforeseen exception instead of recording it
+    scheduler_timeout: float = 60.0  # seconds to reach --scheduler and for its first worker
 
     def __post_init__(self) -> None:
-        self.root, self.out = Path(self.root), Path(self.out)
+        # Workers may run elsewhere (another working directory, another machine with the same mounts):
+        # every path they get is absolute.
+        self.root, self.out = _absolute(self.root), _absolute(self.out)
+        if self.manifest is not None:
+            self.manifest = _absolute(self.manifest)
+        local_text_model = Path(self.text_model).expanduser()
+        if local_text_model.is_dir():
+            self.text_model = str(local_text_model.absolute())
+        if self.labels is not None:
+            self.labels = tuple(self.labels)
+        if self.detect_max_side is not None and self.detect_max_side < 64:
+            raise ConfigError(f"--detect-max-side must be at least 64 pixels, got {self.detect_max_side}")
+        if not self.scheduler_timeout > 0:
+            raise ConfigError(f"--scheduler-timeout must be positive, got {self.scheduler_timeout}")
         self.modalities = tuple(self.modalities)
         unknown = set(self.modalities) - set(MODALITIES)
         if unknown or not self.modalities:
@@ -85,7 +128,7 @@ class ExtractConfig:
                     "or --random-face-weights to run with untrained weights (for testing only)"
                 )
             if self.face_weights is not None:
-                self.face_weights = Path(self.face_weights)
+                self.face_weights = _absolute(self.face_weights)
                 if not self.face_weights.is_file():
                     raise ConfigError(f"--face-weights {self.face_weights}: no such file")
 
@@ -97,22 +140,33 @@ class ExtractConfig:
             face_weights=str(self.face_weights) if self.face_weights else None,
             random_face_weights=self.random_face_weights, faces=self.faces, num_frames=self.num_frames,
             precision=self.precision, seed=self.seed, device=device, threads=threads,
+            detect_max_side=self.detect_max_side,
         )
 
     def feature_config(self, weights: dict[str, Any]) -> dict[str, Any]:
-        """What the features depend on (hashed to decide whether a shard on disk can be reused)."""
+        """What the features depend on (hashed to decide whether a shard on disk can be reused): the
+        code version, the corpus selection and labels, every extractor setting, the device, and the
+        weights (checksums; the hub revision of a hub text model)."""
         return {
+            "erc_version": erc.__version__,
             "dataset": self.dataset,
             "label_set": self.label_set,
+            "labels": list(self.labels) if self.labels is not None else None,
             "modalities": list(self.modalities),
+            "device": self.device,
             "text": {"model": self.text_model, "max_length": self.text_max_length, "context": self.text_context,
                      "pooling": self.text_pooling},
             "audio": {"feature_set": "ComParE_2016", "level": "functionals", "sample_rate": 16000},
-            "visual": {"faces": self.faces, "num_frames": self.num_frames, "precision": self.precision, "seed": self.seed},
+            "visual": {"faces": self.faces, "num_frames": self.num_frames, "precision": self.precision, "seed": self.seed,
+                       "detect_max_side": self.detect_max_side},
             "limit": self.limit,
             "dialogues_per_shard": self.dialogues_per_shard,
             "weights": weights,
         }
+
+
+def _absolute(path: Path | str) -> Path:
+    return Path(path).expanduser().absolute()
 
 
 @dataclass
@@ -124,6 +178,7 @@ class ExtractResult:
     failures: list[dict[str, str]]
     seconds: float
     model_loads: dict[str, int] = field(default_factory=dict)
+    complete: bool = True
 
     @property
     def utterances_per_second(self) -> float:
@@ -151,6 +206,7 @@ class WorkerSettings:
     seed: int
     device: str
     threads: int
+    detect_max_side: int | None = 640
 
 
 _EXTRACTORS: dict[WorkerSettings, dict[str, Any]] = {}
@@ -183,7 +239,8 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
             built["visual"] = VisualExtractor(
                 VisualConfig(num_frames=settings.num_frames, faces=settings.faces, face_weights=settings.face_weights,
                              random_face_weights=settings.random_face_weights, seed=settings.seed,
-                             device=settings.device, precision=settings.precision)
+                             device=settings.device, precision=settings.precision,
+                             detect_max_side=settings.detect_max_side)
             )
         _EXTRACTORS[settings] = built
         return built, True
@@ -191,7 +248,7 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
 
 @dataclass
 class ShardPayload:
-    """What a worker sends back for one shard."""
+    """The features of some dialogues, as one worker computed them (``extract_dialogues``)."""
 
     records: list[UtteranceRecord]
     failures: list[dict[str, str]]
@@ -200,22 +257,105 @@ class ShardPayload:
     loaded_models: bool
 
 
-def extract_dialogues(dialogues: list[Dialogue], label_names: list[str], settings: WorkerSettings) -> ShardPayload:
-    """Compute the features of whole dialogues (runs on a worker)."""
+def _worker_name() -> str:
+    return f"{os.uname().nodename}:{os.getpid()}"
+
+
+def failure_record(item: str, modality: str, exc: BaseException, source: str | Path | None = None) -> dict[str, str]:
+    """What the shard and report.json keep of one failed item: exception type and a one-line message
+    (naming the media file); the traceback too when the exception was not a foreseen MediaError."""
+    lines = str(exc).strip().splitlines()
+    message = (lines[0] if lines else "").strip()[:MAX_MESSAGE]
+    foreseen = isinstance(exc, MediaError)
+    if not foreseen:  # name the file and the exception: "x.mp4: ValueError: ..."
+        message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        if source is not None and str(source) not in message:
+            message = f"{source}: {message}"
+    record = {"item": item, "modality": modality, "error": message, "type": type(exc).__name__}
+    if not foreseen:
+        record["traceback"] = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
+    return record
+
+
+def _check_vector(vector: np.ndarray, dim: int, modality: str) -> np.ndarray:
+    vector = np.asarray(vector)
+    if vector.shape != (dim,) or not np.all(np.isfinite(vector)):
+        raise ValueError(f"{modality} features have shape {vector.shape} (expected ({dim},)) or non-finite values")
+    return vector
+
+
+def _media_source(u: Utterance, modality: str) -> tuple[Path, float | None, float | None] | None:
+    """The file and span a media modality of ``u`` is read from; None when the corpus lists no media
+    for it (a missing modality by design, not a failure)."""
+    if modality == "audio":
+        source = u.audio or u.video
+        if source is None:
+            return None
+        return (Path(source), u.audio_start, u.audio_end) if u.audio is not None else (Path(source), u.start, u.end)
+    return (Path(u.video), u.start, u.end) if u.video is not None else None
+
+
+def extract_dialogues(
+    dialogues: list[Dialogue],
+    label_names: list[str],
+    settings: WorkerSettings,
+    *,
+    strict: bool = False,
+    skip: dict[tuple[str, str], dict[str, str]] | None = None,
+) -> ShardPayload:
+    """Compute the features of whole dialogues (runs on a worker).
+
+    Every exception while extracting one modality of one utterance (for text: of one dialogue) is
+    caught, masks that modality and becomes a failure record; with ``strict``, an exception that is
+    not a :class:`MediaError` raises :class:`ExtractionError` instead. ``skip`` maps (utterance id,
+    modality) to the failure record of an item known to crash its worker process: it is not read.
+    """
     extractors, loaded = _extractors(settings)
     label_index = {name: i for i, name in enumerate(label_names)}
     records: list[UtteranceRecord] = []
     failures: list[dict[str, str]] = []
+    skip = skip or {}
 
-    def fail(item: str, modality: str, exc: Exception) -> None:
-        failures.append({"item": item, "modality": modality, "error": str(exc)})
+    def attempt(item: str, modality: str, source: Any, run: Callable[[], Any]) -> Any:
+        """``run()``, or None with a failure recorded (re-raised under --strict if unforeseen)."""
+        if (item, modality) in skip:
+            failures.append(dict(skip[item, modality]))
+            return None
+        try:
+            return run()
+        except MediaError as exc:
+            failures.append(failure_record(item, modality, exc, source))
+        except Exception as exc:
+            if strict:
+                raise ExtractionError(
+                    f"{item} [{modality}]: {failure_record(item, modality, exc, source)['error']} "
+                    "(--strict stops at the first unforeseen error; without it the item is recorded and skipped)"
+                ) from exc
+            failures.append(failure_record(item, modality, exc, source))
+        return None
 
     for dialogue in dialogues:
+        utterances = dialogue.utterances
         texts = None
         if "text" in extractors:
-            texts = extractors["text"].extract_dialogue([u.speaker for u in dialogue.utterances],
-                                                        [u.text for u in dialogue.utterances])
-        for i, u in enumerate(dialogue.utterances):
+            text = extractors["text"]
+
+            def encode_dialogue() -> list[np.ndarray]:
+                vectors = text.extract_dialogue([u.speaker for u in utterances], [u.text for u in utterances])
+                if len(vectors) != len(utterances):
+                    raise ValueError(f"the text encoder gave {len(vectors)} vectors for {len(utterances)} utterances")
+                return [_check_vector(v, text.dim, "text") for v in vectors]
+
+            skipped = [u for u in utterances if (u.utterance_id, "text") in skip]
+            if skipped:  # the dialogue's text crashed a worker: every utterance of it fails for text
+                failures.extend(dict(skip[u.utterance_id, "text"]) for u in skipped)
+            else:
+                mark = len(failures)
+                texts = attempt(utterances[0].utterance_id, "text", f"dialogue {dialogue.dialogue_id}", encode_dialogue)
+                if texts is None and len(failures) > mark:  # one failure per utterance, all with the same cause
+                    cause = failures.pop()
+                    failures.extend({**cause, "item": u.utterance_id} for u in utterances)
+        for i, u in enumerate(utterances):
             record = UtteranceRecord(
                 utterance_id=u.utterance_id, dialogue_id=u.dialogue_id, utterance_index=u.index, split=u.split,
                 speaker=u.speaker, speaker_index=u.speaker_index, text=u.text,
@@ -223,26 +363,93 @@ def extract_dialogues(dialogues: list[Dialogue], label_names: list[str], setting
             )
             if texts is not None:
                 record.features["text"] = texts[i]
-            if "audio" in extractors:
-                source = u.audio or u.video
-                if source is not None:  # no media listed: a missing modality by design, not a failure
-                    start, end = (u.audio_start, u.audio_end) if u.audio is not None else (u.start, u.end)
-                    try:
-                        record.features["audio"] = extractors["audio"].extract(Path(source), start, end)
-                    except MediaError as exc:
-                        fail(u.utterance_id, "audio", exc)
-            if "visual" in extractors:
-                if u.video is not None:
-                    try:
-                        visual = extractors["visual"].extract(Path(u.video), u.start, u.end)
-                        record.features["visual"] = visual.utterance
-                        record.visual_frames = visual.frames
-                        record.visual_frame_mask = visual.frame_mask
-                    except MediaError as exc:
-                        fail(u.utterance_id, "visual", exc)
+            if "audio" in extractors and (media := _media_source(u, "audio")) is not None:
+                audio = extractors["audio"]
+                record.features["audio"] = attempt(
+                    u.utterance_id, "audio", media[0],
+                    lambda: _check_vector(audio.extract(*media), audio.dim, "audio"),
+                )
+            if "visual" in extractors and (media := _media_source(u, "visual")) is not None:
+                visual_extractor = extractors["visual"]
+
+                def run_visual():
+                    visual = visual_extractor.extract(*media)
+                    _check_vector(visual.utterance, visual_extractor.dim, "visual")
+                    if not np.all(np.isfinite(visual.frames)):
+                        raise ValueError("per-frame visual features have non-finite values")
+                    return visual
+
+                visual = attempt(u.utterance_id, "visual", media[0], run_visual)
+                if visual is not None:
+                    record.features["visual"] = visual.utterance
+                    record.visual_frames = visual.frames
+                    record.visual_frame_mask = visual.frame_mask
             records.append(record)
     dims = {m: extractors[m].dim for m in settings.modalities}
-    return ShardPayload(records, failures, dims, worker=f"{os.uname().nodename}:{os.getpid()}", loaded_models=loaded)
+    return ShardPayload(records, failures, dims, worker=_worker_name(), loaded_models=loaded)
+
+
+@dataclass
+class ShardTask:
+    """One shard to extract and write (picklable: what the client sends a worker)."""
+
+    name: str
+    path: str  # absolute: where the worker writes the shard
+    dialogues: list[Dialogue]
+    label_names: list[str]
+    settings: WorkerSettings
+    attrs: dict[str, Any]
+    num_frames: int
+    strict: bool = False
+    skip: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass
+class ShardDone:
+    """What a worker returns for a shard it wrote: counts and failures, never features."""
+
+    name: str
+    utterances: int
+    failures: list[dict[str, str]]
+    worker: str
+    loaded_models: bool
+
+
+def extract_shard(task: ShardTask) -> ShardDone:
+    """Extract one shard's dialogues and write the shard file (runs on a worker)."""
+    payload = extract_dialogues(task.dialogues, task.label_names, task.settings, strict=task.strict, skip=task.skip)
+    write_shard(Path(task.path), payload.records, attrs=task.attrs, dims=payload.dims, num_frames=task.num_frames,
+                failures=payload.failures)
+    return ShardDone(task.name, len(payload.records), payload.failures, payload.worker, payload.loaded_models)
+
+
+def probe_item(dialogue: Dialogue, utterance_index: int | None, modality: str, settings: WorkerSettings) -> None:
+    """Extract one item alone and discard the result (runs on a worker, after a worker died on its shard).
+    Exceptions are swallowed: only whether the process survives matters here."""
+    extractors, _ = _extractors(settings)
+    try:
+        if modality == "text":
+            extractors["text"].extract_dialogue([u.speaker for u in dialogue.utterances],
+                                                [u.text for u in dialogue.utterances])
+        else:
+            media = _media_source(dialogue.utterances[utterance_index], modality)
+            if media is not None:
+                extractors[modality].extract(*media)
+    except Exception:
+        pass
+
+
+def check_worker_paths(readable: dict[str, str], writable: str) -> str | None:
+    """Runs on each worker before any task: the paths it must read and the folder it must write."""
+    problems = []
+    for what, path in readable.items():
+        if not os.path.exists(path):
+            problems.append(f"cannot see {what} {path}")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"cannot read {what} {path}")
+    if not os.path.isdir(writable) or not os.access(writable, os.W_OK):
+        problems.append(f"cannot write the output folder {writable}")
+    return "; ".join(problems) or None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +464,8 @@ def _plan(corpus: Corpus, dialogues_per_shard: int) -> dict[str, list[Dialogue]]
 
 
 def collect_weights(config: ExtractConfig) -> dict[str, Any]:
-    """Provenance of every weight file the features depend on (sha256 where there is a file)."""
+    """Provenance of every weight file the features depend on (sha256 where there is a file, and the
+    snapshot commit of a hub text model)."""
     from erc.features.text import encoder_weights_sha256
     from erc.features.visual import MTCNN_WEIGHTS
     from erc.provenance import sha256_file
@@ -272,6 +480,10 @@ def collect_weights(config: ExtractConfig) -> dict[str, Any]:
         weights["mtcnn"] = MTCNN_WEIGHTS
     if "text" in config.modalities:
         weights["text"] = {"model": config.text_model, "sha256": encoder_weights_sha256(config.text_model)}
+        if not Path(config.text_model).expanduser().is_dir():  # a hub model: the snapshot's commit
+            from erc.features.text import hub_snapshot
+
+            weights["text"]["revision"] = hub_snapshot(config.text_model).name
     return weights
 
 
@@ -307,38 +519,139 @@ def _prepare_out(config: ExtractConfig, feature_config: dict[str, Any], plan: di
     write_json_atomic(plan_path, new_plan)
 
 
-def _finished(path: Path) -> bool:
+
+
+def _finished(path: Path, expected_hash: str) -> bool:
+    """A whole shard of this configuration is on disk; anything else there is removed."""
     if not path.exists():
         return False
     try:
         summarize_shard(path)
-        return True
+        if read_shard_attrs(path).get("config_hash") == expected_hash:
+            return True
     except ShardError:
-        path.unlink()
-        return False
+        pass
+    path.unlink()
+    return False
 
 
-def _client(config: ExtractConfig):
+def _connect(config: ExtractConfig):
+    """A client of ``--scheduler`` (clear errors, within ``scheduler_timeout``, when it cannot be reached
+    or has no worker), else of a new local cluster."""
+    import dask
     from distributed import Client, LocalCluster
 
     if config.scheduler:
-        return Client(config.scheduler), None
-    cluster = LocalCluster(
-        n_workers=config.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-        silence_logs=40,
-    )
+        timeout = config.scheduler_timeout
+        try:
+            client = Client(config.scheduler, timeout=timeout)
+        except (OSError, ValueError, TimeoutError) as exc:
+            raise ExtractionError(
+                f"cannot reach the Dask scheduler at {config.scheduler} within {timeout:g} s "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); check --scheduler"
+            ) from None
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except (OSError, TimeoutError):
+            client.close()
+            raise ExtractionError(
+                f"the Dask scheduler at {config.scheduler} has no worker (waited {timeout:g} s): start "
+                f"`dask worker {config.scheduler}` where the extraction should run"
+            ) from None
+        return client, None
+    # A worker process that dies fails its task at once (no blind retries): the client isolates the item.
+    try:
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            cluster = LocalCluster(
+                n_workers=config.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=40,
+            )
+    except Exception as exc:  # e.g. worker processes that cannot be spawned
+        raise ExtractionError(f"cannot start a local Dask cluster of {config.workers} worker(s) "
+                              f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
     return Client(cluster), cluster
+
+
+def _check_workers(client, config: ExtractConfig, shards_dir: Path) -> None:
+    """Every worker must read the corpus, manifest and weights at the client's paths and write the shards."""
+    readable = {"--root": str(config.root)}
+    if config.manifest is not None:
+        readable["--manifest"] = str(config.manifest)
+    if "visual" in config.modalities and config.face_weights is not None:
+        readable["--face-weights"] = str(config.face_weights)
+    if "text" in config.modalities and Path(config.text_model).is_dir():
+        readable["--text-model"] = config.text_model
+    answers = client.run(check_worker_paths, readable, str(shards_dir), on_error="return")
+    for worker, answer in sorted(answers.items()):
+        if isinstance(answer, BaseException):
+            raise ExtractionError(f"worker {worker} failed its path check ({type(answer).__name__}: {answer})")
+        if answer:
+            raise ExtractionError(
+                f"worker {worker}: {answer}; every worker needs the client's paths (shared storage mounted at "
+                "the same place)"
+            )
+
+
+def _is_worker_death(exc: BaseException) -> bool:
+    from distributed import KilledWorker
+
+    return isinstance(exc, KilledWorker)
+
+
+def _find_crashing_items(client, dialogues: list[Dialogue], settings: WorkerSettings,
+                         shard: str) -> dict[tuple[str, str], dict[str, str]]:
+    """After a worker died on ``shard``: probe each of its items alone; those whose probe kills a worker
+    (again, alone, when several died together) become skip entries (failure records)."""
+    from distributed import as_completed
+
+    units: list[tuple[Dialogue, int | None, str]] = []
+    for dialogue in dialogues:
+        if "text" in settings.modalities:
+            units.append((dialogue, None, "text"))
+        for i, u in enumerate(dialogue.utterances):
+            units += [(dialogue, i, m) for m in ("audio", "visual")
+                      if m in settings.modalities and _media_source(u, m) is not None]
+
+    def submit(unit):
+        return client.submit(probe_item, *unit, settings, key=f"erc-probe-{shard}-{uuid.uuid4().hex}", pure=False,
+                             priority=100)
+
+    def died(futures: dict) -> list:
+        dead = []
+        for future in as_completed(list(futures)):
+            try:
+                future.result()
+            except Exception as exc:
+                if _is_worker_death(exc):
+                    dead.append(futures[future])
+            finally:
+                future.release()
+        return dead
+
+    dead = died({submit(unit): unit for unit in units})
+    if len(dead) > 1:  # tasks that shared a dying worker die with it: re-probe each alone
+        dead = [unit for unit in dead if died({submit(unit): unit})]
+    skip: dict[tuple[str, str], dict[str, str]] = {}
+    for dialogue, index, modality in dead:
+        source = (f"dialogue {dialogue.dialogue_id}" if modality == "text"
+                  else _media_source(dialogue.utterances[index], modality)[0])
+        message = (f"{source}: the worker process died while extracting this item (a crash in a decoder or model, "
+                   f"e.g. a segfault); isolated and skipped")
+        items = dialogue.utterances if index is None else [dialogue.utterances[index]]
+        for u in items:
+            skip[u.utterance_id, modality] = {"item": u.utterance_id, "modality": modality, "error": message,
+                                              "type": "KilledWorker"}
+    return skip
 
 
 def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
     """Run the extraction stage. ``progress(done_utterances, total_utterances)`` is called as shards
     finish. Raises ErcError subclasses with one-line messages."""
-    from distributed import as_completed
-
     from erc.provenance import package_versions
 
     started = time.perf_counter()
-    corpus = load_corpus(config.dataset, config.root, manifest=config.manifest, label_set=config.label_set)
+    corpus = load_corpus(config.dataset, config.root, manifest=config.manifest, label_set=config.label_set,
+                         labels=config.labels)
     if config.limit is not None:
         corpus = limit_dialogues(corpus, config.limit)
     weights = collect_weights(config)
@@ -346,7 +659,8 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
     plan = _plan(corpus, config.dialogues_per_shard)
     _prepare_out(config, feature_config, plan)
     shards_dir = config.out / "shards"
-    todo = {name: ds for name, ds in plan.items() if not _finished(shards_dir / name)}
+    expected_hash = config_hash(feature_config)
+    todo = {name: ds for name, ds in plan.items() if not _finished(shards_dir / name, expected_hash)}
     total = corpus.num_utterances
     done = sum(len(d) for name, ds in plan.items() if name not in todo for d in ds)
     if progress:
@@ -356,7 +670,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
         "dataset": corpus.name,
         "label_names": corpus.label_names,
         "config": feature_config,
-        "config_hash": config_hash(feature_config),
+        "config_hash": expected_hash,
         "versions": package_versions(),
         "weights": weights,
         "text_model": config.text_model if "text" in config.modalities else "",
@@ -366,60 +680,106 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
     failed_items = {f["item"] for name in plan if name not in todo for f in summarize_shard(shards_dir / name).failures}
     max_failures = config.max_failures if config.max_failures is not None else max(1, total // 10)
     if todo:
+        from distributed import as_completed
+
         threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, config.workers))
         settings = config.worker_settings(config.device, threads)
-        client, cluster = _client(config)
+        order = {name: i for i, name in enumerate(plan)}
+        attempts: Counter[str] = Counter()
+        skips: dict[str, dict[tuple[str, str], dict[str, str]]] = {}
+        client, cluster = _connect(config)
         try:
-            futures = {
-                client.submit(extract_dialogues, ds, corpus.label_names, settings, key=f"erc-shard-{name}-{attrs['config_hash']}", pure=False): name
-                for name, ds in todo.items()
-            }
-            for future in as_completed(futures):
-                name = futures[future]
+            _check_workers(client, config, shards_dir)
+            pending: dict[Any, str] = {}
+            finished = as_completed()
+
+            def submit(name: str) -> None:
+                task = ShardTask(name=name, path=str(shards_dir / name), dialogues=todo[name],
+                                 label_names=corpus.label_names, settings=settings, attrs=attrs,
+                                 num_frames=config.num_frames, strict=config.strict, skip=skips.get(name, {}))
+                future = client.submit(extract_shard, task, key=f"erc-shard-{name}-{expected_hash}-{attempts[name]}",
+                                       pure=False, priority=-order[name])
+                pending[future] = name
+                finished.add(future)
+
+            for name in todo:
+                submit(name)
+            for future in finished:
+                name = pending.pop(future)
                 try:
-                    payload: ShardPayload = future.result()
+                    result: ShardDone = future.result()
                 except ErcError:
                     raise
                 except Exception as exc:
-                    raise ErcError(f"shard {name} (dialogues {', '.join(d.dialogue_id for d in todo[name])}) failed: "
-                                   f"{type(exc).__name__}: {exc}") from exc
-                model_loads[payload.worker] = model_loads.get(payload.worker, 0) + int(payload.loaded_models)
-                write_shard(shards_dir / name, payload.records, attrs=attrs, dims=payload.dims,
-                            num_frames=config.num_frames, failures=payload.failures)
-                done += len(payload.records)
-                failed_items |= {f["item"] for f in payload.failures}
+                    dialogues = ", ".join(d.dialogue_id for d in todo[name])
+                    if not _is_worker_death(exc):
+                        raise ExtractionError(f"shard {name} (dialogues {dialogues}) failed: "
+                                              f"{type(exc).__name__}: {str(exc)[:MAX_MESSAGE]}") from exc
+                    attempts[name] += 1
+                    if config.strict or attempts[name] >= MAX_SHARD_ATTEMPTS:
+                        raise ExtractionError(
+                            f"shard {name} (dialogues {dialogues}): a worker process died "
+                            f"{attempts[name]} time(s) extracting it"
+                            + (" (--strict: not isolated)" if config.strict else
+                               "; no single item reproduced the crash alone")
+                        ) from None
+                    skips.setdefault(name, {}).update(_find_crashing_items(client, todo[name], settings, name))
+                    submit(name)
+                    continue
+                finally:
+                    future.release()  # drop the scheduler's reference now, not at the end of the run
+                    del future
+                path = shards_dir / name
+                if not path.exists():
+                    raise ExtractionError(
+                        f"worker {result.worker} wrote {path}, but it is not visible here: --out must be on storage "
+                        "that the client and every worker share"
+                    )
+                model_loads[result.worker] = model_loads.get(result.worker, 0) + int(result.loaded_models)
+                done += result.utterances
+                failed_items |= {f["item"] for f in result.failures}
                 if progress:
                     progress(done, total)
                 if len(failed_items) > max_failures:
-                    for other in futures:
+                    for other in list(pending):
                         other.cancel()
-                    _write_report(config.out, model_loads, time.perf_counter() - started)
-                    raise ErcError(
+                    pending.clear()
+                    _write_report(config.out, model_loads, time.perf_counter() - started,
+                                  stopped=f"more than --max-failures {max_failures} utterances failed")
+                    raise ExtractionError(
                         f"{len(failed_items)} utterances failed, more than --max-failures {max_failures}; "
-                        f"see {config.out / 'report.json'} (finished shards are kept: fix the input and re-run to resume)"
+                        f"see {config.out / 'report.json'} (the shard set is marked incomplete; finished shards are "
+                        "kept: fix the input and re-run to resume)"
                     )
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
-    failures = _write_report(config.out, model_loads, time.perf_counter() - started)
+    failures, complete = _write_report(config.out, model_loads, time.perf_counter() - started)
     return ExtractResult(
         out=config.out, shards_written=len(todo), shards_skipped=len(plan) - len(todo), utterances=total,
-        failures=failures, seconds=time.perf_counter() - started, model_loads=model_loads,
+        failures=failures, seconds=time.perf_counter() - started, model_loads=model_loads, complete=complete,
     )
 
 
-def _write_report(out: Path, model_loads: dict[str, int], seconds: float) -> list[dict[str, str]]:
-    """Rebuild the index from the shards on disk and write the run report (failures of all shards)."""
+def _write_report(out: Path, model_loads: dict[str, int], seconds: float,
+                  stopped: str | None = None) -> tuple[list[dict[str, str]], bool]:
+    """Rebuild the index from the shards on disk (complete only if every planned shard is there) and
+    write the run report: failures of all shards (with tracebacks of unforeseen exceptions)."""
     index = build_index(out)
     failures = [f for shard in index["shards"] for f in shard["failures"]]
     write_json_atomic(out / "report.json", {
+        "complete": index["complete"],
+        "planned_shards": index["planned_shards"],
+        "missing_shards": index["missing_shards"],
+        "stopped": stopped,
         "failures": failures,
         "failed_utterances": len({f["item"] for f in failures}),
+        "failures_by_type": dict(Counter(f.get("type", "MediaError") for f in failures)),
         "shards_on_disk": len(index["shards"]),
         "last_run": {"seconds": round(seconds, 2), "model_loads_per_worker": model_loads},
     })
-    return failures
+    return failures, index["complete"]
 
 
 def config_summary(config: ExtractConfig) -> dict[str, Any]:

@@ -34,9 +34,11 @@ def inspect_shards(directory: Path) -> dict[str, Any]:
         dialogues.update(shard["dialogue_splits"])
     total = sum(s["utterances"] for s in shards)
     failures = [f for s in shards for f in s["failures"]]
+    missing = sorted(set(planned) - {s["file"] for s in shards})
     return {
         "directory": str(directory),
-        "complete": bool(shards) and len(shards) == (len(planned) or len(shards)),
+        "complete": bool(shards) and not missing,
+        "missing_shards": missing,
         "shards": {"done": len(shards), "planned": len(planned) or len(shards)},
         "dataset": index.get("dataset"),
         "utterances": total,
@@ -50,6 +52,7 @@ def inspect_shards(directory: Path) -> dict[str, Any]:
             "count": len(failures),
             "utterances": len({f["item"] for f in failures}),
             "by_modality": dict(Counter(f["modality"] for f in failures)),
+            "by_type": dict(Counter(f.get("type", "MediaError") for f in failures)),
             "items": failures,
         },
         "provenance": {

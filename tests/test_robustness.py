@@ -44,6 +44,7 @@ LONG_TEXT = " ".join(["Ça alors, naïve façade — 東京で会いましょう
 
 
 def _write_manifest(root: Path, rows: list[dict]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "manifest.csv"
     with path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

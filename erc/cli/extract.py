@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -34,7 +35,7 @@ def utterance_progress(description: str):
 
 
 def fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)  # "[visual]" is no markup
     return typer.Exit(code=2)
 
 

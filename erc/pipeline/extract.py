@@ -679,6 +679,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
     model_loads: dict[str, int] = {}
     failed_items = {f["item"] for name in plan if name not in todo for f in summarize_shard(shards_dir / name).failures}
     max_failures = config.max_failures if config.max_failures is not None else max(1, total // 10)
+    stopped: str | None = None
     if todo:
         from distributed import as_completed
 
@@ -744,17 +745,20 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
                     for other in list(pending):
                         other.cancel()
                     pending.clear()
-                    _write_report(config.out, model_loads, time.perf_counter() - started,
-                                  stopped=f"more than --max-failures {max_failures} utterances failed")
-                    raise ExtractionError(
-                        f"{len(failed_items)} utterances failed, more than --max-failures {max_failures}; "
-                        f"see {config.out / 'report.json'} (the shard set is marked incomplete; finished shards are "
-                        "kept: fix the input and re-run to resume)"
-                    )
+                    stopped = f"more than --max-failures {max_failures} utterances failed"
+                    break
         finally:
             client.close()
             if cluster is not None:
-                cluster.close()
+                cluster.close()  # waits for the local workers: a shard in flight is written whole or not at all
+    if stopped is not None:
+        # the report and index are written only now, so a shard a worker finished after the stop is counted
+        _write_report(config.out, model_loads, time.perf_counter() - started, stopped=stopped)
+        raise ExtractionError(
+            f"{len(failed_items)} utterances failed, more than --max-failures {max_failures}; "
+            f"see {config.out / 'report.json'} (the shard set is marked incomplete; finished shards are "
+            "kept: fix the input and re-run to resume)"
+        )
     failures, complete = _write_report(config.out, model_loads, time.perf_counter() - started)
     return ExtractResult(
         out=config.out, shards_written=len(todo), shards_skipped=len(plan) - len(todo), utterances=total,

@@ -82,7 +82,7 @@ def extract_command(
 
     def show(message, category, filename, lineno, file=None, line=None):  # ErcWarnings as one yellow line
         if issubclass(category, ErcWarning):
-            console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
         else:
             show_other(message, category, filename, lineno, file, line)
 
@@ -165,7 +165,7 @@ def print_summary(summary: dict) -> None:
     console.print(f"failures: {failures['count']} ({failures['utterances']} utterances) {failures['by_modality']} "
                   f"{failures.get('by_type', {})}", highlight=False)
     for item in failures["items"][:10]:
-        console.print(f"  {item['item']} [{item['modality']}]: {item['error']}", highlight=False)
+        console.print(escape(f"  {item['item']} [{item['modality']}]: {item['error']}"), highlight=False)
     provenance = summary["provenance"]
     console.print(f"config {provenance['config_hash']}; weights: {json.dumps(provenance['weights'])}", highlight=False)
 

@@ -51,6 +51,12 @@ def compare(host_dir: Path, other_dir: Path, atol: float) -> tuple[list[str], di
         problems.append(f"text encoders differ: {paths_a} vs {paths_b}")
     if a.config.get("weights", {}).get("text", {}).get("sha256") is None:
         problems.append("no sha256 of the text encoder recorded")
+    # Package versions recorded in the shards: reported, not required (a patch release may not
+    # change a single feature; the features below decide).
+    va, vb = a.index.get("versions") or {}, b.index.get("versions") or {}
+    differ = {k: (va.get(k), vb.get(k)) for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)}
+    print(f"compare: package versions recorded in the shards: "
+          f"{'identical (' + str(len(va)) + ' packages)' if not differ else f'differ: {differ}'}")
 
     layout = lambda s: [(r.shard.name, r.dialogue_id, r.split, len(r)) for r in s.refs]  # noqa: E731
     if layout(a) != layout(b):

@@ -11,6 +11,8 @@
 # write the `erc demo` corpus; extract it in a container (corpus mounted read-only at /data, output
 # at /out, a non-root --user, no network, HF_HUB_OFFLINE=1) and on the host; compare the shard sets
 # (docker/compare_shards.py: same utterances, masks, config; features within 1e-4).
+# The build downloads several GB; each extraction of the 96 utterances is CPU-bound (LIMIT=1 for a
+# quicker run).
 #
 # Environment (defaults in brackets):
 #   DOCKER [/usr/bin/docker]   the docker.io client; BuildKit is switched on with DOCKER_BUILDKIT=1
@@ -19,6 +21,7 @@
 #   CA_BUNDLE [/etc/ssl/certs/ca-certificates.crt]  passed as the `ca` secret when the file exists
 #   BUILD_ARGS []              extra `docker build` arguments, e.g. "--no-cache"
 #   RUN_NETWORK [none]         network of the extraction container (the build itself uses host)
+#   LIMIT []                   extract only the first LIMIT dialogues of each split (quicker check)
 #   WORK [a new /var/tmp/erc-smoke.*]  KEEP [0]: 1 keeps WORK (corpus, both shard sets, logs)
 set -euo pipefail
 
@@ -31,6 +34,7 @@ BASE=${BASE:-erc-base:bookworm}
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 BUILD_ARGS=${BUILD_ARGS:-}
 RUN_NETWORK=${RUN_NETWORK:-none}
+LIMIT=${LIMIT:-}
 KEEP=${KEEP:-0}
 export DOCKER_BUILDKIT=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
@@ -70,7 +74,8 @@ if ! "$DOCKER" image inspect "$BASE" >/dev/null 2>&1 && [[ $BASE == erc-base:* ]
     log "base image made in $(since "$started") s"
 fi
 
-# 3. Build. The CA bundle goes in as a secret: only the pip steps see it, no layer keeps it.
+# 3. Build. The CA bundle goes in as a secret: only the pip steps see it, no layer keeps it
+#    (docker/check_no_ca.py looks for its certificates in the image afterwards).
 secret=()
 [[ -f $CA_BUNDLE ]] && secret=(--secret "id=ca,src=$CA_BUNDLE")
 log "building $IMAGE from $BASE (log: $WORK/build.log)"
@@ -83,7 +88,10 @@ build_s=$(since "$started")
 size_bytes=$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE")
 size=$(awk -v b="$size_bytes" 'BEGIN { printf "%.2f GB", b / 1e9 }')
 log "built $IMAGE in $build_s s, image size $size"
-if "$DOCKER" history --no-trunc "$IMAGE" | grep -q 'BEGIN CERTIFICATE'; then die "a CA certificate is baked into a layer"; fi
+if [[ -f $CA_BUNDLE ]]; then
+    "$DOCKER" run --rm -i --network none --entrypoint python -v "$CA_BUNDLE:/host-ca/ca.pem:ro" "$IMAGE" - \
+        < docker/check_no_ca.py || die "the build secret's CA certificate is baked into the image"
+fi
 
 # 4. The `erc demo` corpus, written on the host.
 "$PYTHON" -c 'import sys; from pathlib import Path; from erc.pipeline.synthetic import make_demo_corpus
@@ -93,6 +101,7 @@ log "demo corpus: $(find "$WORK/corpus" -name '*.mp4' | wc -l) utterance videos"
 # The same extraction settings as `erc demo` (its MiniLM, utterance pooling, random face weights).
 extract_args=(--dataset manifest --text-pooling utterance --random-face-weights --dialogues-per-shard 2
               --workers 1 --device cpu)
+[[ -n $LIMIT ]] && extract_args+=(--limit "$LIMIT")
 
 # 5. In the container: read-only corpus, writable output, a non-root user (yours, or an arbitrary
 #    uid with no passwd entry when you are root), no network: the image must hold everything.

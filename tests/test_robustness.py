@@ -333,7 +333,7 @@ class SegfaultOnCrashFiles(WorkerPlugin):
         audio_module.AudioExtractor.extract = extract
 
 
-def test_a_worker_that_dies_becomes_a_reported_item(tiny_text_encoder, tmp_path):
+def test_a_worker_that_dies_becomes_a_reported_item(tmp_path):
     import sys
 
     import cloudpickle
@@ -344,7 +344,7 @@ def test_a_worker_that_dies_becomes_a_reported_item(tiny_text_encoder, tmp_path)
     (root / "media").mkdir(parents=True)
     rows = []
     for d, dialogue in enumerate(("first", "second")):
-        for i in range(2):
+        for i in range(2):  # the second dialogue's first file crashes the worker
             name = "crash.wav" if (d, i) == (1, 0) else f"{dialogue}_{i}.wav"
             write_wav(root / "media" / name, voiced_signal(1.0, 16000, seed=d * 2 + i), 16000)
             rows.append({"dialogue_id": dialogue, "utterance_index": i, "speaker": "AB"[i], "text": f"{dialogue} {i}",
@@ -352,15 +352,16 @@ def test_a_worker_that_dies_becomes_a_reported_item(tiny_text_encoder, tmp_path)
                          "start": "", "end": ""})
     _write_manifest(root, rows)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import this test file
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+    # as erc's own local cluster: a dead worker fails its one task at once
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0}):
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=50)
     try:
         with Client(cluster) as client:
             client.register_plugin(SegfaultOnCrashFiles())
             result = extract(ExtractConfig(dataset="manifest", root=root, out=tmp_path / "out",
-                                           text_model=str(tiny_text_encoder), modalities=("text", "audio"),
-                                           dialogues_per_shard=2, max_failures=3, scheduler=cluster.scheduler_address))
+                                           modalities=("audio",), dialogues_per_shard=1, max_failures=3,
+                                           scheduler=cluster.scheduler_address))
     finally:
         cluster.close()
     assert result.complete
@@ -371,7 +372,6 @@ def test_a_worker_that_dies_becomes_a_reported_item(tiny_text_encoder, tmp_path)
         rows_ = shards.load(ref)
         for uid, present in zip(rows_["utterance_id"], rows_["present"]["audio"]):
             assert present == (uid != "second_0"), uid
-        assert rows_["present"]["text"].all()
 
 
 def _free_port() -> int:
@@ -396,7 +396,7 @@ def test_scheduler_unreachable_or_without_workers_is_a_clear_error_not_a_hang(ti
     started = time.monotonic()
     with pytest.raises(ExtractionError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:\d+ within 2 s"):
         extract(config(f"tcp://127.0.0.1:{_free_port()}"))
-    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as empty:
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:
         with pytest.raises(ExtractionError, match="has no worker .waited 2 s.: start `dask worker"):
             extract(config(empty.scheduler_address))
     assert time.monotonic() - started < 30

@@ -559,11 +559,13 @@ def _connect(config: ExtractConfig):
                 f"`dask worker {config.scheduler}` where the extraction should run"
             ) from None
         return client, None
-    # A worker process that dies fails its task at once (no blind retries): the client isolates the item.
+    # A worker process that dies fails its task at once (no blind retries), and a worker holds only the task
+    # it runs (saturation 1), so the death is blamed on that task alone: the client then isolates the item.
     try:
-        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                              "distributed.scheduler.worker-saturation": 1.0}):
             cluster = LocalCluster(
-                n_workers=config.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                n_workers=config.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                 silence_logs=40,
             )
     except Exception as exc:  # e.g. worker processes that cannot be spawned
@@ -618,7 +620,7 @@ def _find_crashing_items(client, dialogues: list[Dialogue], settings: WorkerSett
 
     def died(futures: dict) -> list:
         dead = []
-        for future in as_completed(list(futures)):
+        for future in as_completed(list(futures), loop=client.loop):  # this client's loop, not the default one's
             try:
                 future.result()
             except Exception as exc:
@@ -692,7 +694,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
         try:
             _check_workers(client, config, shards_dir)
             pending: dict[Any, str] = {}
-            finished = as_completed()
+            finished = as_completed(loop=client.loop)  # not the default client's loop (another client may exist)
 
             def submit(name: str) -> None:
                 task = ShardTask(name=name, path=str(shards_dir / name), dialogues=todo[name],

@@ -14,12 +14,15 @@ import functools
 import wave
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
 import cv2
 import numpy as np
 
 from erc.pipeline.corpus import MELD_ALT_TEST_PREFIX, MELD_SPLITS
+
+if TYPE_CHECKING:  # PyAV is imported where videos are written, so that importing this module needs no PyAV
+    import av
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "demo_data"
 FACE_IMAGE = DEMO_DATA / "face.png"
@@ -181,6 +184,8 @@ def write_face_video(
     path.parent.mkdir(parents=True, exist_ok=True)
     num_frames = max(1, round(duration_s * fps))
     options = {"movflags": "faststart"} if faststart and container_kind == ".mp4" else {}
+    import av
+
     with av.open(str(path), "w", options=options) as container:
         video = container.add_stream("mpeg4", rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
@@ -207,6 +212,8 @@ def truncate_file(path: Path, keep: float) -> Path:
 
 
 def _encode_audio(container: av.container.OutputContainer, kind: str, samples: np.ndarray, rate: int) -> list:
+    import av
+
     channels = 1 if samples.ndim == 1 else samples.shape[1]
     layout = "mono" if channels == 1 else "stereo"
     samples = np.clip(samples.reshape(len(samples), channels), -1.0, 1.0)

@@ -1,7 +1,7 @@
 """Cost of a training step of every fusion model, and of the vectorised SWFC loss against a per-sample loop.
 
     python benchmarks/bench_train_step.py [--threads N] [--repeats R] [--device cpu|cuda]
-                                          [--baseline-tree DIR] [--cases NAME,...]
+                                          [--baseline-tree DIR] [--cases NAME,...] [--precision fp32|bf16]
 
 Each configuration runs in a fresh subprocess so its peak memory is its own. A training step is
 what the trainer does per batch: forward (under the row's precision), the model's losses in
@@ -10,7 +10,8 @@ visual 1000, 20 frames for MCN-CL's PSA; 20-110 utterances each) with each model
 (MultiEMO's recomputes attention activations in the backward pass to save memory; one row shows
 the step without that). Times are means over ``--repeats`` steps after a warm-up step: wall-clock
 seconds and the process's CPU seconds; on CUDA the step ends with a synchronisation and the
-memory column is the peak of allocated GPU memory.
+memory column is the peak of allocated GPU memory, and xLSTM's sLSTM runs the kernel `erc train`
+would pick there (the row says which). ``--precision`` runs every row in one precision.
 
 ``--baseline-tree DIR`` also runs every fp32 row on another checkout's ``erc`` package (e.g.
 ``git archive <rev> erc | tar -x -C DIR``), interleaved with the current one, and prints both
@@ -71,11 +72,18 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
-def train_step_case(case: str, repeats: int, device: torch.device) -> dict[str, float]:
+def train_step_case(case: str, repeats: int, device: torch.device, precision: str | None = None) -> dict[str, float]:
     from erc.models.registry import build_model, train_hyperparameters
 
-    name, num_dialogues, overrides, precision, _, _ = CASES[case]
+    name, num_dialogues, overrides, case_precision, _, _ = CASES[case]
+    precision = precision or case_precision
     model = build_model(name, input_dims=IEMOCAP_DIMS, num_classes=6, preset="iemocap", overrides=overrides).to(device)
+    backend = None
+    if device.type == "cuda":  # the sLSTM kernel `erc train` picks on a GPU (a baseline tree may predate the choice)
+        with contextlib.suppress(ImportError):
+            from erc.models.context import use_xlstm_backend
+
+            backend = use_xlstm_backend(model, device, "auto")
     if precision == "fp32":  # runs on a baseline tree that may predate the precision helpers
         autocast, float32 = (lambda: contextlib.nullcontext()), (lambda output: output)
     else:
@@ -107,6 +115,8 @@ def train_step_case(case: str, repeats: int, device: torch.device) -> dict[str, 
         "peak_gb": peak_memory_gb(device),
         "utterances": int(batch["mask"].sum()),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "precision": precision,
+        "xlstm_backend": backend,
     }
 
 
@@ -158,8 +168,13 @@ def run_child(case: str, args: argparse.Namespace, tree: str | None = None) -> d
     """One case in a fresh process; ``tree`` puts another checkout's ``erc`` package first on the path."""
     command = [sys.executable, os.path.abspath(__file__), "--child", case, "--threads", str(args.threads),
                "--repeats", str(args.repeats), "--device", args.device]
+    if args.precision:
+        command += ["--precision", args.precision]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])))
-    result = subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=tree or None)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tree or None)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["no output"]
+        raise RuntimeError(f"{case} failed: {lines[-1]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -174,13 +189,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--baseline-tree", help="directory holding another checkout's erc package (the 'before' columns)")
     parser.add_argument("--cases", help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="run every case in this precision (default: each case's own)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     if args.child:
         device = torch.device(args.device)
-        result = swfc_case(args.repeats) if args.child == "swfc" else train_step_case(args.child, args.repeats, device)
+        result = (swfc_case(args.repeats) if args.child == "swfc"
+                  else train_step_case(args.child, args.repeats, device, args.precision))
         print(json.dumps(result))
         return
 
@@ -197,11 +214,19 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         precision, max_s, max_gb = CASES[case][3:]
-        before = run_child(case, args, baseline) if baseline and precision == "fp32" else None
-        r = run_child(case, args)
+        precision = args.precision or precision
+        try:
+            before = run_child(case, args, baseline) if baseline and precision == "fp32" else None
+            r = run_child(case, args)
+        except RuntimeError as error:
+            print(f"| {case} | {error} |" + " |" * 10, flush=True)
+            continue
         speedup = before["seconds"] / r["seconds"] if before else None
+        label = case if precision == CASES[case][3] else f"{case} ({precision})"
+        if r.get("xlstm_backend"):
+            label += f" [sLSTM {r['xlstm_backend']}]"
         print(
-            f"| {case} | {r['utterances']} | {r['parameters']:,} | {fmt(before and before['seconds'], '.2f')} "
+            f"| {label} | {r['utterances']} | {r['parameters']:,} | {fmt(before and before['seconds'], '.2f')} "
             f"| {r['seconds']:.2f} | {fmt(speedup, '.1f')}{'x' if speedup else ''} "
             f"| {fmt(before and before['cpu_seconds'], '.2f')} | {r['cpu_seconds']:.2f} "
             f"| {'<= ' + str(max_s) if max_s else ''} | {fmt(before and before['peak_gb'], '.2f')} | {r['peak_gb']:.2f} "
@@ -209,6 +234,8 @@ def main() -> None:
             flush=True,
         )
     print(f"\nload average after the steps: {os.getloadavg()[0]:.1f}")
+    if args.device == "cuda":
+        return  # the SWFC comparison is a CPU measurement
     r = run_child("swfc", args)
     print(
         f"\nSWFC forward+backward on {SWFC_UTTERANCES} utterances (CPU time): vectorised {r['vectorised_s'] * 1e3:.1f} ms, "

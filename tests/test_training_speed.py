@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from erc.cli.main import app
 from erc.errors import ConfigError
 from erc.models.context import cuda_slstm_cell, use_xlstm_backend, xlstm_stack
-from erc.models.registry import build_model
+from erc.models.blocks import index_put
+from erc.models.registry import MODELS, build_model
 from erc.pipeline import data as data_module
 from erc.pipeline import evaluate as evaluate_module
 from erc.pipeline.data import DialogueDataset, load_splits, make_loader
@@ -112,6 +113,20 @@ def test_fp32_is_exactly_the_plain_step_and_bf16_computes_in_bf16():
     assert all(t.dtype == torch.float32 and torch.isfinite(t) for t in terms.values())  # ... the losses are float32
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
     torch.testing.assert_close(terms["ce"], plain_terms["ce"], atol=0.05, rtol=0.05)
+
+
+def test_index_put_promotes_like_autocast_and_keeps_gradients():
+    """erc's index_put (run outside autocast, see its docstring) gives the wider dtype of its inputs,
+    under autocast as well, and passes gradients to the values."""
+    values = torch.randn(3, 4, requires_grad=True)
+    index = (torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = index_put(torch.zeros(2, 3, 4, dtype=torch.bfloat16), index, values)
+        low = index_put(torch.zeros(2, 3, 4, dtype=torch.bfloat16), index, values.bfloat16())
+    assert out.dtype == torch.float32 and low.dtype == torch.bfloat16
+    assert torch.equal(out[1, 0], values[1]) and not out[0, 0].any()
+    out.sum().backward()
+    assert torch.equal(values.grad, torch.ones(3, 4))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -232,3 +247,23 @@ def test_cuda_run_is_reproduced_by_cpu_evaluate(shard_set, tmp_path):
     recomputed = evaluate_run(run_dir, device="cpu")
     for key in ("weighted_f1", "accuracy", "macro_f1"):
         assert recomputed[key] == pytest.approx(reported[key], abs=1e-3), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_trains_a_step_in_bf16_on_cuda(name):
+    """CUDA autocast has rules of its own (index_put raised there in bf16 while CPU autocast passed)."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model(name, input_dims=DIMS, num_classes=3).to(device)
+    batch = {k: v.to(device) for k, v in random_batch([5, 3, 4], dims=DIMS).items()}
+    if getattr(model, "needs_frames", False):
+        batch["visual_frames"] = torch.randn(3, 5, FRAMES, DIMS["visual"], device=device)
+        batch["visual_frame_mask"] = batch["mask"].unsqueeze(-1).expand(-1, -1, FRAMES).clone()
+    with autocast(device, "bf16"):
+        output = model(batch)
+    terms = model.loss(float32(output), batch, None)
+    terms["total"].backward()
+    assert torch.isfinite(terms["total"])
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -60,6 +60,18 @@ class TrainingStage:
     dropout: float | None = None
 
 
+def index_put(target: Tensor, indices: tuple[Tensor, ...], values: Tensor) -> Tensor:
+    """``target.index_put(indices, values)`` in the wider dtype of the two, with autocast off.
+
+    Under CUDA autocast in bfloat16, index_put's type-promotion rule raises for bfloat16 inputs
+    ("Unexpected floating ScalarType in at::autocast::prioritize", pytorch issue 132715); the op
+    needs no casting, so it runs outside autocast and promotes as that rule would have.
+    """
+    dtype = torch.promote_types(target.dtype, values.dtype)
+    with torch.autocast(target.device.type, enabled=False):
+        return target.to(dtype).index_put(indices, values.to(dtype))
+
+
 class TokenIndex:
     """The real utterances of a padded batch: packs (B, L, ...) into (N, ...) and back.
 
@@ -85,7 +97,7 @@ class TokenIndex:
 
     def unpack(self, x: Tensor) -> Tensor:
         """(N, ...) -> (B, L, ...) with zeros at padding."""
-        return x.new_zeros(*self.mask.shape, *x.shape[1:]).index_put(self.index, x)
+        return index_put(x.new_zeros(*self.mask.shape, *x.shape[1:]), self.index, x)
 
 
 def modality_inputs(

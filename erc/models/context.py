@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch.utils.checkpoint import checkpoint
 
 from erc.errors import ConfigError
-from erc.models.blocks import masked_softmax
+from erc.models.blocks import index_put, masked_softmax
 
 XLSTMBlock = Literal["mlstm", "slstm"]
 XLSTMBackend = Literal["auto", "cuda", "vanilla"]
@@ -94,7 +94,7 @@ class GroupedPositions:
         out = y.new_zeros(self.batch_size, self.length, y.shape[-1])
         rows = self.rows.unsqueeze(1).expand_as(self.positions)
         index = (rows[self.steps_valid], self.positions[self.steps_valid])
-        return out.index_put(index, y[self.steps_valid])
+        return index_put(out, index, y[self.steps_valid])
 
 
 def reverse_padded(x: Tensor, lengths: Tensor) -> Tensor:
@@ -381,7 +381,7 @@ def run_dialogue_rnns(
     outputs, k, unsort = [], 0, order.argsort()
     for encoder, v in zip(encoders, valid):
         states = [
-            emotions.new_zeros(batch, length, emotions.shape[-1]).index_put((rows, placements[k + d]), emotions[k + d])
+            index_put(emotions.new_zeros(batch, length, emotions.shape[-1]), (rows, placements[k + d]), emotions[k + d])
             for d in range(len(encoder.directions))
         ]
         k += len(encoder.directions)
@@ -516,7 +516,7 @@ class ReasoningModule(nn.Module):
             else:
                 working_memory = self.xlstm(turns)
             q_tilde = query.new_zeros(*query_valid.shape, memory.shape[-1])
-            q_tilde = q_tilde.index_put(queries, working_memory[:, -1])
+            q_tilde = index_put(q_tilde, queries, working_memory[:, -1])
             probe = self.match(q_tilde)
             probe = simam(probe) if self.use_simam else probe
             weights = masked_softmax(probe @ memory.transpose(1, 2), memory_valid.unsqueeze(1))

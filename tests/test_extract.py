@@ -140,7 +140,9 @@ def _free_port() -> int:
 
 
 def test_real_cluster_via_dask_cli(manifest_reference, manifest_path, tiny_text_encoder, tmp_path):
-    """A scheduler and two worker processes started with Dask's own command-line tools, on loopback."""
+    """A scheduler and two worker processes started with Dask's own command-line tools, on loopback,
+    one with dask's default threads (one per core: its tasks run side by side on its one set of
+    models), one with a single thread; each worker sizes torch's threads itself."""
     port = _free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -148,9 +150,9 @@ def test_real_cluster_via_dask_cli(manifest_reference, manifest_path, tiny_text_
                                "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
     try:
         time.sleep(2)
-        for _ in range(2):
+        for threads in ([], ["--nthreads", "1"]):  # dask's default (one thread per core), and one thread
             procs.append(subprocess.Popen([bin_dir / "dask", "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1",
-                                           "--nthreads", "1", "--no-dashboard"],
+                                           *threads, "--no-dashboard"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
         from distributed import Client
 
@@ -166,6 +168,11 @@ def test_real_cluster_via_dask_cli(manifest_reference, manifest_path, tiny_text_
         _assert_same_features(_features(manifest_reference[0]), _features(out))
         report = json.loads((out / "report.json").read_text())
         assert len(report["last_run"]["model_loads_per_worker"]) == 2, "both cluster workers took shards"
+        assert sum(report["last_run"]["model_loads_per_worker"].values()) == 2, "one set of models per worker"
+        # torch threads = this machine's cores shared among the worker's task threads: 1 each on the
+        # default worker (as many task threads as cores), every core on the one-thread worker
+        cores = os.cpu_count() or 1
+        assert sorted(report["last_run"]["torch_threads_per_worker"].values()) == [1, cores]
     finally:
         for proc in reversed(procs):
             proc.terminate()

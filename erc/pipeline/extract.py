@@ -213,14 +213,54 @@ _EXTRACTORS: dict[WorkerSettings, dict[str, Any]] = {}
 _EXTRACTORS_LOCK = threading.Lock()
 
 
+class OneCallAtATime:
+    """An extractor that runs one call at a time in its process. The tasks a Dask worker runs in
+    its threads share one set of models, and neither fast tokenizers ("Already borrowed") nor torch
+    modules are safe to call from several threads at once; each modality has its own lock, so two
+    tasks can still run text and audio side by side."""
+
+    def __init__(self, extractor: Any) -> None:
+        self.extractor = extractor
+        self.dim = extractor.dim
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.extractor, name)
+        if not callable(method):
+            return method
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return method(*args, **kwargs)
+
+        return locked
+
+
+def _worker_threads() -> int:
+    """Concurrent tasks of the Dask worker this runs in (1 outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        return 1
+
+
+def torch_threads_for(settings: WorkerSettings) -> int:
+    """Torch threads of this process: ``settings.threads``, or, when it is 0 (a cluster the client
+    does not know), the cores of this machine shared among the worker's concurrent tasks."""
+    return settings.threads or max(1, (os.cpu_count() or 1) // _worker_threads())
+
+
 def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
-    """The extractors of this process for ``settings``, built on first use. Returns (them, built_now)."""
+    """The extractors of this process for ``settings``, built on first use (each behind its own
+    lock, see ``OneCallAtATime``). Returns (them, built_now)."""
     with _EXTRACTORS_LOCK:
         if settings in _EXTRACTORS:
             return _EXTRACTORS[settings], False
         import torch
 
-        torch.set_num_threads(settings.threads)
+        torch.set_num_threads(torch_threads_for(settings))
         built: dict[str, Any] = {}
         if "text" in settings.modalities:
             from erc.features.text import TextConfig, TextExtractor
@@ -242,6 +282,7 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
                              device=settings.device, precision=settings.precision,
                              detect_max_side=settings.detect_max_side)
             )
+        built = {modality: OneCallAtATime(extractor) for modality, extractor in built.items()}
         _EXTRACTORS[settings] = built
         return built, True
 
@@ -255,6 +296,7 @@ class ShardPayload:
     dims: dict[str, int]
     worker: str
     loaded_models: bool
+    torch_threads: int = 1
 
 
 def _worker_name() -> str:
@@ -386,7 +428,10 @@ def extract_dialogues(
                     record.visual_frame_mask = visual.frame_mask
             records.append(record)
     dims = {m: extractors[m].dim for m in settings.modalities}
-    return ShardPayload(records, failures, dims, worker=_worker_name(), loaded_models=loaded)
+    import torch
+
+    return ShardPayload(records, failures, dims, worker=_worker_name(), loaded_models=loaded,
+                        torch_threads=torch.get_num_threads())
 
 
 @dataclass
@@ -413,6 +458,7 @@ class ShardDone:
     failures: list[dict[str, str]]
     worker: str
     loaded_models: bool
+    torch_threads: int = 1
 
 
 def extract_shard(task: ShardTask) -> ShardDone:
@@ -420,7 +466,8 @@ def extract_shard(task: ShardTask) -> ShardDone:
     payload = extract_dialogues(task.dialogues, task.label_names, task.settings, strict=task.strict, skip=task.skip)
     write_shard(Path(task.path), payload.records, attrs=task.attrs, dims=payload.dims, num_frames=task.num_frames,
                 failures=payload.failures)
-    return ShardDone(task.name, len(payload.records), payload.failures, payload.worker, payload.loaded_models)
+    return ShardDone(task.name, len(payload.records), payload.failures, payload.worker, payload.loaded_models,
+                     payload.torch_threads)
 
 
 def probe_item(dialogue: Dialogue, utterance_index: int | None, modality: str, settings: WorkerSettings) -> None:
@@ -679,13 +726,16 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
         "excluded_labels": getattr(corpus, "excluded", {}),
     }
     model_loads: dict[str, int] = {}
+    torch_threads: dict[str, int] = {}
     failed_items = {f["item"] for name in plan if name not in todo for f in summarize_shard(shards_dir / name).failures}
     max_failures = config.max_failures if config.max_failures is not None else max(1, total // 10)
     stopped: str | None = None
     if todo:
         from distributed import as_completed
 
-        threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, config.workers))
+        # the local cluster's workers share this machine; a cluster's workers size themselves (0)
+        threads = config.threads_per_worker or (
+            0 if config.scheduler else max(1, (os.cpu_count() or 1) // max(1, config.workers)))
         settings = config.worker_settings(config.device, threads)
         order = {name: i for i, name in enumerate(plan)}
         attempts: Counter[str] = Counter()
@@ -739,6 +789,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
                         "that the client and every worker share"
                     )
                 model_loads[result.worker] = model_loads.get(result.worker, 0) + int(result.loaded_models)
+                torch_threads[result.worker] = result.torch_threads
                 done += result.utterances
                 failed_items |= {f["item"] for f in result.failures}
                 if progress:
@@ -755,21 +806,23 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
                 cluster.close()  # waits for the local workers: a shard in flight is written whole or not at all
     if stopped is not None:
         # the report and index are written only now, so a shard a worker finished after the stop is counted
-        _write_report(config.out, model_loads, time.perf_counter() - started, stopped=stopped)
+        _write_report(config.out, model_loads, time.perf_counter() - started, stopped=stopped,
+                      torch_threads=torch_threads)
         raise ExtractionError(
             f"{len(failed_items)} utterances failed, more than --max-failures {max_failures}; "
             f"see {config.out / 'report.json'} (the shard set is marked incomplete; finished shards are "
             "kept: fix the input and re-run to resume)"
         )
-    failures, complete = _write_report(config.out, model_loads, time.perf_counter() - started)
+    failures, complete = _write_report(config.out, model_loads, time.perf_counter() - started,
+                                       torch_threads=torch_threads)
     return ExtractResult(
         out=config.out, shards_written=len(todo), shards_skipped=len(plan) - len(todo), utterances=total,
         failures=failures, seconds=time.perf_counter() - started, model_loads=model_loads, complete=complete,
     )
 
 
-def _write_report(out: Path, model_loads: dict[str, int], seconds: float,
-                  stopped: str | None = None) -> tuple[list[dict[str, str]], bool]:
+def _write_report(out: Path, model_loads: dict[str, int], seconds: float, stopped: str | None = None,
+                  torch_threads: dict[str, int] | None = None) -> tuple[list[dict[str, str]], bool]:
     """Rebuild the index from the shards on disk (complete only if every planned shard is there) and
     write the run report: failures of all shards (with tracebacks of unforeseen exceptions)."""
     index = build_index(out)
@@ -783,7 +836,8 @@ def _write_report(out: Path, model_loads: dict[str, int], seconds: float,
         "failed_utterances": len({f["item"] for f in failures}),
         "failures_by_type": dict(Counter(f.get("type", "MediaError") for f in failures)),
         "shards_on_disk": len(index["shards"]),
-        "last_run": {"seconds": round(seconds, 2), "model_loads_per_worker": model_loads},
+        "last_run": {"seconds": round(seconds, 2), "model_loads_per_worker": model_loads,
+                     "torch_threads_per_worker": torch_threads or {}},
     })
     return failures, index["complete"]
 

@@ -180,6 +180,22 @@ def test_soft_hgr_rewards_correlated_features(scale):
     assert correlated < independent
 
 
+def test_authors_soft_hgr_is_unbounded_along_a_shared_offset_and_centred_is_bounded():
+    """The authors' scale (uncentred E[f·g], covariances centred per utterance) does not penalise
+    adding one constant to every feature of an utterance, so its reward grows without limit along
+    that direction; eq 20 centred stays within its bound, min(d, n - 1) / 2 per pair, whatever the
+    offset. (The README's small-batch note rests on this.)"""
+    torch.manual_seed(6)
+    n, d = 12, 16
+    f, g = torch.randn(n, d), torch.randn(n, d)
+    offset = torch.randn(n, 1)  # one constant per utterance, shared by f and g
+    authors = [soft_hgr_loss([f + c * offset, g + c * offset]).item() for c in (0.0, 10.0, 100.0)]
+    assert authors[0] > authors[1] > authors[2] and authors[2] < authors[0] - 1e3
+    for c in (0.0, 10.0, 100.0):
+        centred = soft_hgr_loss([f + c * offset, f + c * offset], scale="centred").item()
+        assert centred >= -min(d, n - 1) / 2 - 1e-3
+
+
 def _output_and_batch(seed=5):
     torch.manual_seed(seed)
     batch, length, classes = 3, 5, 4

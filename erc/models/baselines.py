@@ -1,7 +1,12 @@
 """Reference points for the fusion models: a text-only context model and concatenation fusion.
 
-``text-only``  bidirectional GRU over the text features of a dialogue + linear classifier
-               (bc-LSTM style; other modalities in the batch are ignored).
+``text-only``  layer norm of each text vector, a bidirectional GRU over the dialogue, and a linear
+               classifier of the GRU state together with the utterance's own (normed) vector (bc-LSTM
+               style; other modalities in the batch are ignored). The norm is there because pooled
+               encoder vectors are small (MiniLM's: per-dimension std ~0.1), which left the GRU
+               underfitting MELD at MultiEMO's schedule; the skip lets the model be at least the
+               per-utterance linear classifier, which the GRU alone fell short of on MELD
+               (``input_norm=False, utterance_skip=False`` give the plain GRU).
 ``concat``     per modality: linear map + bidirectional GRU over the dialogue; the contextual
                features are concatenated and classified by a ReLU MLP.
 
@@ -42,6 +47,8 @@ class TextOnlyConfig:
     num_classes: int = 6
     hidden_dim: int = 128
     dropout: float = 0.1
+    input_norm: bool = True
+    utterance_skip: bool = True
 
     def __post_init__(self) -> None:
         if "text" not in self.input_dims:
@@ -52,14 +59,19 @@ class TextOnlyGRU(nn.Module):
     def __init__(self, config: TextOnlyConfig) -> None:
         super().__init__()
         self.config = config
+        self.input_norm = nn.LayerNorm(config.input_dims["text"]) if config.input_norm else nn.Identity()
         self.context = RecurrentEncoder(config.input_dims["text"], config.hidden_dim, cell="gru")
         self.dropout = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(self.context.output_dim, config.num_classes)
+        width = self.context.output_dim + (config.input_dims["text"] if config.utterance_skip else 0)
+        self.classifier = nn.Linear(width, config.num_classes)
 
     def forward(self, batch: Mapping[str, Tensor]) -> ModelOutput:
         valid = present(batch, "text")
-        context = encode_groups(self.context, batch["text"], valid)
-        return ModelOutput(logits=self.classifier(self.dropout(context)), valid={"text": valid})
+        text = self.input_norm(batch["text"])
+        features = encode_groups(self.context, text, valid)
+        if self.config.utterance_skip:  # padding and absent text are zeroed, as the GRU's output is
+            features = torch.cat([features, text * valid.unsqueeze(-1)], dim=-1)
+        return ModelOutput(logits=self.classifier(self.dropout(features)), valid={"text": valid})
 
     loss = staticmethod(cross_entropy_loss)
 

@@ -121,6 +121,21 @@ def test_other_config_refused_without_overwrite(manifest_reference, manifest_pat
     assert plan["config"]["erc_version"] == erc.__version__ and plan["config"]["visual"]["detect_max_side"] == 640
 
 
+def test_precision_auto_resolves_on_the_hardware(manifest_path, tmp_path, monkeypatch):
+    from erc.pipeline import evaluate
+
+    def config(precision):
+        return ExtractConfig(dataset="manifest", root=manifest_path.parent, out=tmp_path, random_face_weights=True,
+                             precision=precision)
+
+    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: True)
+    assert config("auto").precision == "bf16"
+    monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: False)
+    assert config("auto").precision == "fp32" and config("bf16").precision == "bf16"
+    with pytest.raises(ConfigError, match="--precision"):
+        config("fp16")
+
+
 def test_visual_needs_weights_or_explicit_random(manifest_path, tmp_path):
     with pytest.raises(ConfigError, match="--random-face-weights"):
         ExtractConfig(dataset="manifest", root=manifest_path.parent, out=tmp_path)

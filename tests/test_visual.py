@@ -239,6 +239,9 @@ def test_bf16_is_close_to_fp32(six_frame_features, face_video):
     np.testing.assert_array_equal(bf16.frame_mask, fp32.frame_mask)
     error = np.linalg.norm(bf16.utterance - fp32.utterance) / np.linalg.norm(fp32.utterance)
     assert bf16.utterance.dtype == np.float32 and 0 < error < 0.05
+    cosine = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    assert cosine(bf16.utterance, fp32.utterance) >= 0.999  # what --precision auto promises (README)
+    assert all(cosine(a, b) >= 0.999 for a, b, m in zip(bf16.frames, fp32.frames, fp32.frame_mask) if m)
 
 
 def test_video_without_a_face_raises_no_face_error(six_frames, media):

@@ -61,7 +61,7 @@ def extract_command(
     num_frames: Annotated[int, typer.Option(help="frames sampled per utterance (the papers use 20)")] = 20,
     modalities: Annotated[str, typer.Option(help="comma-separated subset of text,audio,visual")] = "text,audio,visual",
     label_set: LabelSetOption = "6class",
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 (ResNet autocast)")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto: the ResNet's arithmetic (auto = bf16 where the CPU or GPU computes it natively)")] = "fp32",
     workers: Annotated[int, typer.Option(help="local Dask worker processes")] = 1,
     scheduler: Annotated[str | None, typer.Option(help="address of an existing Dask scheduler, e.g. tcp://host:8786")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
@@ -104,6 +104,8 @@ def extract_command(
                 from erc.features.text import pooling_choice
 
                 console.print(f"text pooling: {config.text_pooling} ({pooling_choice(text_pooling, text_model)[1]})")
+            if precision == "auto" and "visual" in config.modalities:
+                console.print(f"visual precision: {config.precision} (auto)")
             if config.random_face_weights and "visual" in config.modalities:
                 console.print("[yellow]visual features use RANDOM face weights: fine for testing, meaningless for "
                               "research[/yellow]")

@@ -119,8 +119,14 @@ class ExtractConfig:
             self.text_pooling = resolve_pooling(self.text_pooling, self.text_model)
         if self.faces not in ("all", "largest"):
             raise ConfigError(f"--faces must be 'all' or 'largest', got {self.faces!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"--precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ConfigError(f"--precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
+        if self.precision == "auto":  # resolved here, so the shards record what ran (on the client's hardware)
+            import torch
+
+            from erc.pipeline.evaluate import resolve_precision
+
+            self.precision = resolve_precision("auto", torch.device(self.device))
         if "visual" in self.modalities:
             if self.face_weights is None and not self.random_face_weights:
                 raise ConfigError(

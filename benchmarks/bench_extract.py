@@ -1,28 +1,86 @@
-"""Extraction throughput: utterances/second of a full extraction with 1 and 2 local Dask workers.
+"""Extraction throughput: where one utterance's time goes, and utterances/second of whole runs.
 
-    python benchmarks/bench_extract.py [--dialogues N]
+    python benchmarks/bench_extract.py [--copies N] [--skip-runs]
 
-Builds a synthetic manifest corpus (real face video, real audio, real MiniLM text encoder, random
-face weights), extracts it from scratch with 1 worker of 1 thread (the baseline), 1 worker of 2
-threads (torch's own intra-op parallelism) and 2 workers of 1 thread, and prints a table. Target:
-2 workers >= 1.8x the utterances/second of 1 on a 2-core machine.
+Builds the `erc demo` corpus (real face video, real audio, the real MiniLM text encoder, random
+face weights) with ``--copies`` copies of its dialogues, then
+
+1. times each stage of one utterance through the library API (median of 3 after a warm-up):
+   decoding 20 frames, MTCNN on them, ResNet-101 on the face crops in fp32 and bf16, openSMILE, and
+   the text encoder on its dialogue;
+2. extracts the whole corpus from scratch with 1 worker of 1 thread (the baseline), 2 workers of 1
+   thread in fp32, and 2 workers of 1 thread with ``--precision auto`` (bf16 where the CPU computes
+   it natively), and prints utterances/second. "steady" leaves out the cluster start and model
+   loading: utterances after the first finished shard over the time after it.
+
+Target (issue 10): >= 1.0 utt/s steady state on 2 cores with all modalities.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 from erc.pipeline.demo import bundled_text_encoder
 from erc.pipeline.extract import ExtractConfig, extract
 
 
+def stage_times(manifest: Path, threads: int) -> list[tuple[str, float]]:
+    """Seconds per stage for the first utterance of the corpus (median of 3 after a warm-up)."""
+    from erc.features.audio import AudioExtractor
+    from erc.features.text import TextConfig, TextExtractor
+    from erc.features.video import read_frames
+    from erc.features.visual import VisualConfig, VisualExtractor, _crop
+
+    torch.set_num_threads(threads)
+    with manifest.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    first = rows[0]
+    dialogue = [r for r in rows if r["dialogue_id"] == first["dialogue_id"]]
+    video = manifest.parent / first["video"]
+    fp32 = VisualExtractor(VisualConfig(random_face_weights=True, seed=0))
+    bf16 = VisualExtractor(VisualConfig(random_face_weights=True, seed=0, precision="bf16"))
+    audio = AudioExtractor()
+    text = TextExtractor(TextConfig(model=str(bundled_text_encoder()), pooling="utterance"))
+    frames, _ = read_frames(video, None, None, 20)
+    boxes = fp32.detect_faces(frames)
+    crops = [_crop(frame, box) for frame, frame_boxes in zip(frames, boxes) for box in frame_boxes]
+    import numpy as np
+
+    crops = np.stack(crops)
+
+    def timed(fn) -> float:
+        fn()
+        runs = []
+        for _ in range(3):
+            started = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - started)
+        return statistics.median(runs)
+
+    return [
+        ("decode 20 frames (PyAV)", timed(lambda: read_frames(video, None, None, 20))),
+        ("MTCNN on 20 frames", timed(lambda: fp32.detect_faces(frames))),
+        (f"ResNet-101 on {len(crops)} face crops, fp32", timed(lambda: fp32.embed_faces(crops))),
+        (f"ResNet-101 on {len(crops)} face crops, bf16", timed(lambda: bf16.embed_faces(crops))),
+        ("openSMILE ComParE_2016 functionals", timed(lambda: audio.extract(manifest.parent / first["audio"] if first.get("audio") else video))),
+        (f"text encoder, one dialogue of {len(dialogue)} (per utterance)",
+         timed(lambda: text.extract_dialogue([r["speaker"] for r in dialogue], [r["text"] for r in dialogue])) / len(dialogue)),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--copies", type=int, default=3, help="copies of the demo corpus to extract")
+    parser.add_argument("--copies", type=int, default=2, help="copies of the demo corpus to extract")
+    parser.add_argument("--skip-runs", action="store_true", help="only the per-stage times")
     args = parser.parse_args()
+    from erc.pipeline.evaluate import cpu_has_native_bf16
     from erc.pipeline.synthetic import make_demo_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,19 +94,30 @@ def main() -> None:
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(rows + copies)
+        print(f"torch {torch.__version__}; native bf16 on this CPU: {cpu_has_native_bf16()}\n")
+        print("| stage (one utterance, 1 thread) | seconds |\n|---|---|")
+        for name, seconds in stage_times(manifest, threads=1):
+            print(f"| {name} | {seconds:.3f} |", flush=True)
+        if args.skip_runs:
+            return
         rows = []
-        for workers, threads in ((1, 1), (1, 2), (2, 1)):
-            config = ExtractConfig(dataset="manifest", root=manifest.parent, manifest=manifest,
-                                   out=Path(tmp) / f"out{workers}x{threads}", text_model=str(bundled_text_encoder()),
-                                   random_face_weights=True, workers=workers, threads_per_worker=threads,
-                                   dialogues_per_shard=1)
-            result = extract(config)
-            rows.append((workers, threads, result.utterances, result.seconds, result.utterances_per_second))
-    base = rows[0][4]
-    print(f"{'workers':>7} {'threads':>7} {'utterances':>10} {'seconds':>8} {'utt/s':>7} {'speed-up':>8}")
-    for workers, threads, n, seconds, rate in rows:
-        print(f"{workers:>7} {threads:>7} {n:>10} {seconds:>8.1f} {rate:>7.2f} {rate / base:>7.2f}x")
-    print("target: 2 workers >= 1.8x (wall time includes cluster start and model loading)")
+        for workers, threads, precision in ((1, 1, "fp32"), (2, 1, "fp32"), (2, 1, "auto")):
+            out = Path(tmp) / f"out{workers}x{threads}{precision}"
+            finished: list[float] = []
+            config = ExtractConfig(dataset="manifest", root=manifest.parent, manifest=manifest, out=out,
+                                   text_model=str(bundled_text_encoder()), random_face_weights=True, workers=workers,
+                                   threads_per_worker=threads, dialogues_per_shard=1, precision=precision)
+            started = time.perf_counter()
+            result = extract(config, progress=lambda done, total: finished.append((time.perf_counter() - started, done)))
+            first_seconds, first_done = finished[0]
+            steady = (result.utterances - first_done) / (result.seconds - first_seconds)
+            rows.append((workers, threads, config.precision, result.utterances, result.seconds,
+                         result.utterances_per_second, steady))
+        base = rows[0][5]
+        print(f"\n| workers × threads | precision | utterances | seconds | utt/s | steady utt/s | speed-up |\n|---|---|---|---|---|---|---|")
+        for workers, threads, precision, n, seconds, rate, steady in rows:
+            print(f"| {workers} × {threads} | {precision} | {n} | {seconds:.1f} | {rate:.2f} | {steady:.2f} | {rate / base:.2f}× |")
+        print("\ntarget: >= 1.0 utt/s steady state on 2 cores, all modalities")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,8 @@ def test_two_workers_match_one_and_load_models_once(manifest_reference, manifest
     result = extract(_config(manifest_path, tmp_path / "two", tiny_text_encoder, workers=2))
     assert result.shards_written > 2
     assert len(result.model_loads) <= 2 and sum(result.model_loads.values()) == len(result.model_loads)
+    spent = json.loads((tmp_path / "two" / "report.json").read_text())["last_run"]["worker_seconds_per_modality"]
+    assert set(spent) == {"text", "audio", "visual"} and all(seconds > 0 for seconds in spent.values())
     _assert_same_features(_features(manifest_reference[0]), _features(tmp_path / "two"))
 
 

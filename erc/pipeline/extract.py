@@ -31,7 +31,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,6 +303,7 @@ class ShardPayload:
     worker: str
     loaded_models: bool
     torch_threads: int = 1
+    seconds: dict[str, float] = field(default_factory=dict)  # per modality, on the worker
 
 
 def _worker_name() -> str:
@@ -363,12 +364,14 @@ def extract_dialogues(
     records: list[UtteranceRecord] = []
     failures: list[dict[str, str]] = []
     skip = skip or {}
+    seconds: Counter[str] = Counter()  # per modality: where this task's time went
 
     def attempt(item: str, modality: str, source: Any, run: Callable[[], Any]) -> Any:
         """``run()``, or None with a failure recorded (re-raised under --strict if unforeseen)."""
         if (item, modality) in skip:
             failures.append(dict(skip[item, modality]))
             return None
+        started = time.perf_counter()
         try:
             return run()
         except MediaError as exc:
@@ -380,6 +383,8 @@ def extract_dialogues(
                     "(--strict stops at the first unforeseen error; without it the item is recorded and skipped)"
                 ) from exc
             failures.append(failure_record(item, modality, exc, source))
+        finally:
+            seconds[modality] += time.perf_counter() - started
         return None
 
     for dialogue in dialogues:
@@ -437,7 +442,7 @@ def extract_dialogues(
     import torch
 
     return ShardPayload(records, failures, dims, worker=_worker_name(), loaded_models=loaded,
-                        torch_threads=torch.get_num_threads())
+                        torch_threads=torch.get_num_threads(), seconds=dict(seconds))
 
 
 @dataclass
@@ -465,6 +470,7 @@ class ShardDone:
     worker: str
     loaded_models: bool
     torch_threads: int = 1
+    seconds: dict[str, float] = field(default_factory=dict)  # per modality, on the worker
 
 
 def extract_shard(task: ShardTask) -> ShardDone:
@@ -473,7 +479,7 @@ def extract_shard(task: ShardTask) -> ShardDone:
     write_shard(Path(task.path), payload.records, attrs=task.attrs, dims=payload.dims, num_frames=task.num_frames,
                 failures=payload.failures)
     return ShardDone(task.name, len(payload.records), payload.failures, payload.worker, payload.loaded_models,
-                     payload.torch_threads)
+                     payload.torch_threads, payload.seconds)
 
 
 def probe_item(dialogue: Dialogue, utterance_index: int | None, modality: str, settings: WorkerSettings) -> None:
@@ -733,6 +739,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
     }
     model_loads: dict[str, int] = {}
     torch_threads: dict[str, int] = {}
+    stage_seconds: Counter[str] = Counter()  # worker seconds per modality, summed over this run's shards
     failed_items = {f["item"] for name in plan if name not in todo for f in summarize_shard(shards_dir / name).failures}
     max_failures = config.max_failures if config.max_failures is not None else max(1, total // 10)
     stopped: str | None = None
@@ -796,6 +803,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
                     )
                 model_loads[result.worker] = model_loads.get(result.worker, 0) + int(result.loaded_models)
                 torch_threads[result.worker] = result.torch_threads
+                stage_seconds.update(result.seconds)
                 done += result.utterances
                 failed_items |= {f["item"] for f in result.failures}
                 if progress:
@@ -813,14 +821,14 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
     if stopped is not None:
         # the report and index are written only now, so a shard a worker finished after the stop is counted
         _write_report(config.out, model_loads, time.perf_counter() - started, stopped=stopped,
-                      torch_threads=torch_threads)
+                      torch_threads=torch_threads, stage_seconds=stage_seconds)
         raise ExtractionError(
             f"{len(failed_items)} utterances failed, more than --max-failures {max_failures}; "
             f"see {config.out / 'report.json'} (the shard set is marked incomplete; finished shards are "
             "kept: fix the input and re-run to resume)"
         )
     failures, complete = _write_report(config.out, model_loads, time.perf_counter() - started,
-                                       torch_threads=torch_threads)
+                                       torch_threads=torch_threads, stage_seconds=stage_seconds)
     return ExtractResult(
         out=config.out, shards_written=len(todo), shards_skipped=len(plan) - len(todo), utterances=total,
         failures=failures, seconds=time.perf_counter() - started, model_loads=model_loads, complete=complete,
@@ -828,7 +836,8 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
 
 
 def _write_report(out: Path, model_loads: dict[str, int], seconds: float, stopped: str | None = None,
-                  torch_threads: dict[str, int] | None = None) -> tuple[list[dict[str, str]], bool]:
+                  torch_threads: dict[str, int] | None = None,
+                  stage_seconds: Mapping[str, float] | None = None) -> tuple[list[dict[str, str]], bool]:
     """Rebuild the index from the shards on disk (complete only if every planned shard is there) and
     write the run report: failures of all shards (with tracebacks of unforeseen exceptions)."""
     index = build_index(out)
@@ -843,7 +852,8 @@ def _write_report(out: Path, model_loads: dict[str, int], seconds: float, stoppe
         "failures_by_type": dict(Counter(f.get("type", "MediaError") for f in failures)),
         "shards_on_disk": len(index["shards"]),
         "last_run": {"seconds": round(seconds, 2), "model_loads_per_worker": model_loads,
-                     "torch_threads_per_worker": torch_threads or {}},
+                     "torch_threads_per_worker": torch_threads or {},
+                     "worker_seconds_per_modality": {m: round(v, 2) for m, v in (stage_seconds or {}).items()}},
     })
     return failures, index["complete"]
 

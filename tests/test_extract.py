@@ -188,7 +188,9 @@ def test_real_cluster_via_dask_cli(manifest_reference, manifest_path, tiny_text_
         assert sum(report["last_run"]["model_loads_per_worker"].values()) == 2, "one set of models per worker"
         # torch threads = this machine's cores shared among the worker's task threads: 1 each on the
         # default worker (as many task threads as cores), every core on the one-thread worker
-        cores = os.cpu_count() or 1
+        from erc.pipeline.extract import usable_cores
+
+        cores = usable_cores()
         assert sorted(report["last_run"]["torch_threads_per_worker"].values()) == [1, cores]
     finally:
         for proc in reversed(procs):

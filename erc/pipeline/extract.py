@@ -252,10 +252,18 @@ def _worker_threads() -> int:
         return 1
 
 
+def usable_cores() -> int:
+    """Cores this process may use, as Dask counts them (CPU affinity and cgroup quotas respected,
+    unlike ``os.cpu_count()``): also what `dask worker` starts that many threads from by default."""
+    from dask.system import CPU_COUNT
+
+    return max(1, CPU_COUNT)
+
+
 def torch_threads_for(settings: WorkerSettings) -> int:
     """Torch threads of this process: ``settings.threads``, or, when it is 0 (a cluster the client
     does not know), the cores of this machine shared among the worker's concurrent tasks."""
-    return settings.threads or max(1, (os.cpu_count() or 1) // _worker_threads())
+    return settings.threads or max(1, usable_cores() // _worker_threads())
 
 
 def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
@@ -748,7 +756,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
 
         # the local cluster's workers share this machine; a cluster's workers size themselves (0)
         threads = config.threads_per_worker or (
-            0 if config.scheduler else max(1, (os.cpu_count() or 1) // max(1, config.workers)))
+            0 if config.scheduler else max(1, usable_cores() // max(1, config.workers)))
         settings = config.worker_settings(config.device, threads)
         order = {name: i for i, name in enumerate(plan)}
         attempts: Counter[str] = Counter()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from erc.errors import IncompleteShardSetError, ShardError
-from erc.pipeline.shards import ShardSet, UtteranceRecord, build_index, config_hash, write_shard
+from erc.pipeline.shards import ShardSet, UtteranceRecord, build_index, config_hash, write_shard, write_shard_set
 
 DIMS = {"text": 4, "audio": 6, "visual": 5}
 
@@ -139,3 +139,17 @@ def test_shard_and_directory_are_fsynced_around_the_rename(tmp_path, monkeypatch
     assert synced[rename - 1] == tmp_name, "the file is fsynced before the rename"
     assert synced[rename + 1] == str(tmp_path), "the directory is fsynced after the rename"
     assert [p.name for p in tmp_path.iterdir()] == ["00000.h5"]
+
+
+def test_write_shard_set_groups_whole_dialogues_in_order(tmp_path):
+    rng = np.random.default_rng(3)
+    records = [r for k, n in enumerate((3, 1, 2, 4, 2)) for r in _records(f"d{k}", n, "train", rng)]
+    index = write_shard_set(tmp_path, records, dataset="unit", label_names=["calm", "upset"], dims=DIMS,
+                            num_frames=3, dialogues_per_shard=2)
+    assert index["complete"] and [s["file"] for s in index["shards"]] == ["00000.h5", "00001.h5", "00002.h5"]
+    shards = ShardSet(tmp_path)
+    assert [(ref.shard.name, ref.dialogue_id) for ref in shards.refs] == [
+        ("00000.h5", "d0"), ("00000.h5", "d1"), ("00001.h5", "d2"), ("00001.h5", "d3"), ("00002.h5", "d4")]
+    loaded = [u for ref in shards.refs for u in shards.load(ref)["utterance_id"]]
+    assert loaded == [r.utterance_id for r in records]
+    shards.close()

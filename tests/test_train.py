@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from erc.cli.main import app
 from erc.errors import ConfigError
 from erc.pipeline.evaluate import evaluate_run
-from erc.pipeline.shards import UtteranceRecord, build_index, config_hash, write_shard
+from erc.pipeline.shards import UtteranceRecord, write_shard_set
 from erc.pipeline.train import TrainConfig, train
 
 LABELS = ["zero", "one", "two"]
@@ -66,14 +66,8 @@ def features(tmp_path_factory):
                 speaker=f"s{i % 2}", speaker_index=i % 2, text="", label=int((t + a) % 3),
                 features={m: None if v is None else v.astype(np.float32) for m, v in features.items()},
             ))
-    config = {"dataset": "xor"}
-    attrs = {"dataset": "xor", "label_names": LABELS, "config": config, "config_hash": config_hash(config),
-             "versions": {}, "weights": {}}
-    (root / "shards").mkdir()
-    for s, start in enumerate(range(0, 80, 20)):
-        part = [r for r in records if start <= int(r.dialogue_id[1:]) < start + 20]
-        write_shard(root / "shards" / f"{s:05d}.h5", part, attrs=attrs, dims=DIMS, num_frames=2)
-    build_index(root)
+    write_shard_set(root, records, dataset="xor", label_names=LABELS, dims=DIMS, num_frames=2,
+                    dialogues_per_shard=20)
     return root
 
 

@@ -21,7 +21,7 @@ from erc.pipeline import data as data_module
 from erc.pipeline import evaluate as evaluate_module
 from erc.pipeline.data import DialogueDataset, load_splits, make_loader
 from erc.pipeline.evaluate import autocast, evaluate_run, float32, resolve_precision
-from erc.pipeline.shards import UtteranceRecord, build_index, config_hash, write_shard
+from erc.pipeline.shards import UtteranceRecord, write_shard_set
 from erc.pipeline.train import TrainConfig, train
 
 DIMS = {"text": 8, "audio": 10, "visual": 8}
@@ -54,14 +54,8 @@ def shard_set(tmp_path_factory):
                 features=features, visual_frames=rng.normal(size=(FRAMES, DIMS["visual"])).astype(np.float32),
                 visual_frame_mask=np.array([True, i % 2 == 0, k % 3 == 0]),
             ))
-    config = {"dataset": "speed"}
-    attrs = {"dataset": "speed", "label_names": LABELS, "config": config, "config_hash": config_hash(config),
-             "versions": {}, "weights": {}}
-    (root / "shards").mkdir()
-    for s, start in enumerate(range(0, 30, 10)):
-        part = [r for r in records if start <= int(r.dialogue_id[1:]) < start + 10]
-        write_shard(root / "shards" / f"{s:05d}.h5", part, attrs=attrs, dims=DIMS, num_frames=FRAMES)
-    build_index(root)
+    write_shard_set(root, records, dataset="speed", label_names=LABELS, dims=DIMS, num_frames=FRAMES,
+                    dialogues_per_shard=10)
     return root
 
 

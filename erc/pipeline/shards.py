@@ -203,6 +203,36 @@ class ShardSummary:
     failures: list[dict[str, str]]
 
 
+def write_shard_set(
+    out: Path,
+    records: list[UtteranceRecord],
+    *,
+    dataset: str,
+    label_names: list[str],
+    dims: dict[str, int],
+    num_frames: int = 20,
+    dialogues_per_shard: int = 8,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``records`` (whole dialogues, in order) as a shard set under ``out``: shards of
+    ``dialogues_per_shard`` dialogues, named 00000.h5, 00001.h5, ..., and the index, which is
+    returned. For features made outside ``erc extract`` (tests, benchmarks, your own extractors);
+    ``config`` (default ``{"dataset": dataset}``) is recorded and hashed as extraction's is."""
+    config = config if config is not None else {"dataset": dataset}
+    attrs = {"dataset": dataset, "label_names": list(label_names), "config": config,
+             "config_hash": config_hash(config), "versions": {}, "weights": {}}
+    dialogues: list[list[UtteranceRecord]] = []
+    for record in records:
+        if not dialogues or dialogues[-1][-1].dialogue_id != record.dialogue_id:
+            dialogues.append([])
+        dialogues[-1].append(record)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    for s, start in enumerate(range(0, len(dialogues), dialogues_per_shard)):
+        part = [r for dialogue in dialogues[start:start + dialogues_per_shard] for r in dialogue]
+        write_shard(out / "shards" / f"{s:05d}.h5", part, attrs=attrs, dims=dims, num_frames=num_frames)
+    return build_index(out)
+
+
 def summarize_shard(path: Path) -> ShardSummary:
     """Open a shard, check it is whole, and count what it holds. Raises ShardError if it is not."""
     try:

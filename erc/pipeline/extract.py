@@ -227,7 +227,6 @@ class OneCallAtATime:
 
     def __init__(self, extractor: Any) -> None:
         self.extractor = extractor
-        self.dim = extractor.dim
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from erc.pipeline.demo import bundled_text_encoder
@@ -50,10 +51,7 @@ def stage_times(manifest: Path, threads: int) -> list[tuple[str, float]]:
     text = TextExtractor(TextConfig(model=str(bundled_text_encoder()), pooling="utterance"))
     frames, _ = read_frames(video, None, None, 20)
     boxes = fp32.detect_faces(frames)
-    crops = [_crop(frame, box) for frame, frame_boxes in zip(frames, boxes) for box in frame_boxes]
-    import numpy as np
-
-    crops = np.stack(crops)
+    crops = np.stack([_crop(frame, box) for frame, frame_boxes in zip(frames, boxes) for box in frame_boxes])
 
     def timed(fn) -> float:
         fn()

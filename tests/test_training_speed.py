@@ -258,3 +258,29 @@ def test_every_model_trains_a_step_in_bf16_on_cuda(name):
     _, terms, grads = _step(model, batch, "bf16", device)
     assert torch.isfinite(terms["total"])
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_attention_under_cpu_bf16_autocast_takes_its_product_in_fp32():
+    """Under CPU autocast the attention's projections run in bf16 but its SDPA product in fp32 (the
+    CPU flash kernel's bf16 backward is several times slower): the output stays bf16, agrees with
+    the same product computed from the bf16 projections in fp32, and gradients flow."""
+    from erc.models.blocks import MultiheadAttention, TokenIndex
+
+    torch.manual_seed(0)
+    attention = MultiheadAttention(16, 2)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    tokens = TokenIndex(mask)
+    query, key_value = torch.randn(5, 16, requires_grad=True), torch.randn(5, 16)
+    key_valid = mask.clone()
+    key_valid[0, 1] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(query, key_value, tokens, key_valid)
+        heads = lambda x: tokens.unpack(x).view(2, 4, 2, 8).transpose(1, 2)  # noqa: E731
+        q, k, v = (heads(p(x)) for p, x in ((attention.q_proj, query), (attention.k_proj, key_value), (attention.v_proj, key_value)))
+    assert out.dtype == torch.bfloat16 and q.dtype == torch.bfloat16
+    product = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), key_valid.view(2, 1, 1, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = attention.out_proj(tokens.pack(product.to(torch.bfloat16).transpose(1, 2).reshape(2, 4, 16)))
+    torch.testing.assert_close(out.float(), expected.float(), atol=0, rtol=0)
+    out.float().sum().backward()
+    assert query.grad is not None and torch.isfinite(query.grad).all() and query.grad.abs().sum() > 0

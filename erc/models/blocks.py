@@ -218,7 +218,13 @@ class MultiheadAttention(nn.Module):
         attn_mask = (key_valid | ~has_key.unsqueeze(1)).view(batch, 1, 1, length)
         heads = lambda x: tokens.unpack(x).view(batch, length, self.num_heads, -1).transpose(1, 2)  # noqa: E731
         q, k, v = heads(self.q_proj(query)), heads(self.k_proj(key_value)), heads(self.v_proj(key_value))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask)  # (B, H, L, d)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # under CPU autocast: the CPU flash kernel's bf16 backward is ~6x slower than its fp32 one
+            # (benchmarks/results/train_step_cpu.md), so this product runs in fp32
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask)  # (B, H, L, d)
         out = self.out_proj(tokens.pack(out.transpose(1, 2).reshape(batch, length, -1)))
         return out * has_key[tokens.dialogue].unsqueeze(-1)
 

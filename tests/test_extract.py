@@ -314,3 +314,27 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "run" / "confusion_matrix.png").stat().st_size > 0
     shards = ShardSet(tmp_path / "demo" / "features")
     assert shards.modalities == ["text", "audio", "visual"] and shards.dims["text"] == 384
+
+
+def test_plan_shards_balances_whole_dialogues_by_size():
+    """Default plan: whole dialogues in corpus order, each exactly once, in groups of half the
+    target to the target plus one dialogue; long dialogues get groups of their own, short ones share.
+    ``dialogues_per_shard`` keeps a fixed count."""
+    from erc.pipeline.corpus import Dialogue
+    from erc.pipeline.extract import plan_shards
+
+    rng = np.random.default_rng(0)
+    lengths = list(rng.integers(20, 111, 60)) + list(rng.integers(1, 25, 200))  # IEMOCAP-like, then MELD-like
+    dialogues = [Dialogue(f"d{i}", "train", [None] * int(n)) for i, n in enumerate(lengths)]
+    plan = plan_shards(dialogues, utterances=64)
+    groups = list(plan.values())
+    assert list(plan) == [f"{i:05d}.h5" for i in range(len(plan))]
+    assert [d.dialogue_id for g in groups for d in g] == [d.dialogue_id for d in dialogues]
+    sizes = [sum(len(d) for d in g) for g in groups]
+    assert min(sizes[:-1]) >= 32  # only the last group may hold less than half the target
+    assert all(size - len(group[-1]) < 64 for group, size in zip(groups, sizes))  # closed once it reached the target
+    assert max(sizes) <= 64 + max(lengths)
+    long_groups, short_groups = groups[: next(i for i, g in enumerate(groups) if g[0].dialogue_id == "d60")], groups[-10:]
+    assert max(len(g) for g in long_groups) <= 3 and min(len(g) for g in short_groups[:-1]) >= 3
+    fixed = plan_shards(dialogues, dialogues_per_shard=8)
+    assert [len(g) for g in fixed.values()] == [8] * 32 + [4]

@@ -1,8 +1,8 @@
 """The extraction stage: a corpus on disk -> HDF5 feature shards, in parallel on a Dask cluster.
 
-The client reads the corpus, plans shards of whole dialogues (``plan.json``), checks that every
-worker sees the corpus, weights and output paths, and submits one task per shard that is not on
-disk yet. Each worker extracts its shard's dialogues and writes the shard itself (fsync + atomic
+The client reads the corpus, plans shards of whole dialogues (``plan.json``; size-balanced, about
+64 utterances each by default: see ``plan_shards``), checks that every worker sees the corpus,
+weights and output paths, and submits one task per shard that is not on disk yet, largest first. Each worker extracts its shard's dialogues and writes the shard itself (fsync + atomic
 rename into ``OUT/shards``, which must be on storage the client and the workers share), then
 returns a small summary; the client releases each future as it finishes. Workers keep their models
 loaded between tasks (one load per worker process).
@@ -31,7 +31,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,8 @@ class ExtractConfig:
     limit: int | None = None
     overwrite: bool = False
     max_failures: int | None = None
-    dialogues_per_shard: int = 8
+    shard_utterances: int = 64  # size-balanced shards of whole dialogues (see plan_shards)
+    dialogues_per_shard: int | None = None  # instead: this many dialogues per shard
     labels: tuple[str, ...] | None = None  # manifest: the class vocabulary, in this order (--labels)
     detect_max_side: int | None = 640  # MTCNN sees frames shrunk to this longest side (None: full size)
     strict: bool = False  # stop at the first unforeseen exception instead of recording it
@@ -107,6 +108,8 @@ class ExtractConfig:
             self.labels = tuple(self.labels)
         if self.detect_max_side is not None and self.detect_max_side < 64:
             raise ConfigError(f"--detect-max-side must be at least 64 pixels, got {self.detect_max_side}")
+        if self.shard_utterances < 1 or (self.dialogues_per_shard is not None and self.dialogues_per_shard < 1):
+            raise ConfigError("--shard-utterances and --dialogues-per-shard must be at least 1")
         if not self.scheduler_timeout > 0:
             raise ConfigError(f"--scheduler-timeout must be positive, got {self.scheduler_timeout}")
         self.modalities = tuple(self.modalities)
@@ -166,7 +169,7 @@ class ExtractConfig:
             "visual": {"faces": self.faces, "num_frames": self.num_frames, "precision": self.precision, "seed": self.seed,
                        "detect_max_side": self.detect_max_side},
             "limit": self.limit,
-            "dialogues_per_shard": self.dialogues_per_shard,
+            "shards": {"dialogues": self.dialogues_per_shard} if self.dialogues_per_shard else {"utterances": self.shard_utterances},
             "weights": weights,
         }
 
@@ -522,11 +525,29 @@ def check_worker_paths(readable: dict[str, str], writable: str) -> str | None:
 # Client side: plan, resume, schedule, write
 
 
-def _plan(corpus: Corpus, dialogues_per_shard: int) -> dict[str, list[Dialogue]]:
-    plan: dict[str, list[Dialogue]] = {}
-    for start in range(0, len(corpus.dialogues), dialogues_per_shard):
-        plan[f"{len(plan):05d}.h5"] = corpus.dialogues[start : start + dialogues_per_shard]
-    return plan
+def plan_shards(
+    dialogues: Sequence[Dialogue], utterances: int = 64, dialogues_per_shard: int | None = None
+) -> dict[str, list[Dialogue]]:
+    """Group whole dialogues, in corpus order, into shards (each shard is one unit of work for a
+    worker): ``dialogues_per_shard`` dialogues each if given, else size-balanced groups of about
+    ``utterances`` utterances. A group closes once it reaches the target; a dialogue that would
+    take a group of at least half the target past it starts the next group instead. So groups
+    hold between half the target and the target plus one dialogue (or one longer dialogue), and
+    a corpus of long dialogues (IEMOCAP: 20-110 utterances) gets as many units of work as one of
+    short ones of the same size (MELD: about 10) instead of 8 dialogues a shard either way."""
+    groups: list[list[Dialogue]] = []
+    if dialogues_per_shard is not None:
+        groups = [list(dialogues[i : i + dialogues_per_shard]) for i in range(0, len(dialogues), dialogues_per_shard)]
+    else:
+        size = 0
+        for dialogue in dialogues:
+            if groups and size < utterances and not (size >= utterances / 2 and size + len(dialogue) > utterances):
+                groups[-1].append(dialogue)
+                size += len(dialogue)
+            else:
+                groups.append([dialogue])
+                size = len(dialogue)
+    return {f"{i:05d}.h5": group for i, group in enumerate(groups)}
 
 
 def collect_weights(config: ExtractConfig) -> dict[str, Any]:
@@ -724,7 +745,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
         corpus = limit_dialogues(corpus, config.limit)
     weights = collect_weights(config)
     feature_config = config.feature_config(weights)
-    plan = _plan(corpus, config.dialogues_per_shard)
+    plan = plan_shards(corpus.dialogues, config.shard_utterances, config.dialogues_per_shard)
     _prepare_out(config, feature_config, plan)
     shards_dir = config.out / "shards"
     expected_hash = config_hash(feature_config)
@@ -757,7 +778,8 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
         threads = config.threads_per_worker or (
             0 if config.scheduler else max(1, usable_cores() // max(1, config.workers)))
         settings = config.worker_settings(config.device, threads)
-        order = {name: i for i, name in enumerate(plan)}
+        # dask runs higher priorities first: the largest units start first, so the run ends on small ones
+        size = {name: sum(len(d) for d in dialogues) for name, dialogues in plan.items()}
         attempts: Counter[str] = Counter()
         skips: dict[str, dict[tuple[str, str], dict[str, str]]] = {}
         client, cluster = _connect(config)
@@ -771,7 +793,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
                                  label_names=corpus.label_names, settings=settings, attrs=attrs,
                                  num_frames=config.num_frames, strict=config.strict, skip=skips.get(name, {}))
                 future = client.submit(extract_shard, task, key=f"erc-shard-{name}-{expected_hash}-{attempts[name]}",
-                                       pure=False, priority=-order[name])
+                                       pure=False, priority=size[name])
                 pending[future] = name
                 finished.add(future)
 

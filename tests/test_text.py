@@ -279,3 +279,51 @@ def test_an_uncached_hub_model_is_a_clear_error_not_an_empty_checksum(monkeypatc
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ConfigError, match="'someone/never-cached'.*not in the Hugging Face cache"):
         encoder_weights_sha256("someone/never-cached")
+
+
+def test_a_hub_model_is_pinned_to_the_clients_snapshot_and_workers_check_its_hash(monkeypatch, tmp_path, tiny_text_encoder):
+    """A hub model (here a Hugging Face cache laid out by hand, offline) resolves once on the client
+    to a snapshot commit; workers load that commit, not whatever ``main`` points to on their
+    machine, and refuse weights that hash otherwise, naming the worker and the file."""
+    import shutil
+
+    import huggingface_hub.constants
+    from safetensors.torch import load_file, save_file
+
+    from erc.pipeline.extract import ExtractConfig, _extractors, collect_weights
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-encoder"
+    old, new = "a" * 40, "b" * 40
+    for commit, shift in ((old, 0.0), (new, 0.5)):
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(tiny_text_encoder, snapshot)
+        weights = load_file(snapshot / "model.safetensors")
+        save_file({k: v + shift if v.is_floating_point() else v for k, v in weights.items()}, snapshot / "model.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    for name, value in (("HF_HUB_OFFLINE", True), ("HF_HUB_CACHE", str(cache))):
+        monkeypatch.setattr(huggingface_hub.constants, name, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+    config = ExtractConfig(dataset="manifest", root=tmp_path, out=tmp_path / "out", modalities=("text",),
+                           text_model="someone/tiny-encoder", text_pooling="mean")
+    threads = torch.get_num_threads()  # building a worker's extractors sets torch's threads
+    weights = collect_weights(config)
+    assert weights["text"]["revision"] == old
+    (repo / "refs" / "main").write_text(new)  # the hub moved on after the client resolved the model
+    settings = config.worker_settings("cpu", 1, weights)
+    assert settings.text_revision == old
+    text = _extractors(settings)[0]["text"]
+    assert text.info()["weights_sha256"] == weights["text"]["sha256"]
+    latest = _extractors(config.worker_settings("cpu", 1))[0]["text"]  # no pin: what main points to now
+    assert latest.info()["weights_sha256"] != weights["text"]["sha256"]
+    features = text.extract_dialogue(["A", "B"], ["hello there", "hi"])
+    assert not np.allclose(features, latest.extract_dialogue(["A", "B"], ["hello there", "hi"]))
+
+    swapped = repo / "snapshots" / old / "model.safetensors"  # this worker's copy of the pinned snapshot differs
+    save_file({k: v * 2 if v.is_floating_point() else v for k, v in load_file(swapped).items()}, swapped)
+    with pytest.raises(ConfigError, match=r"worker .*someone/tiny-encoder.*revision a{40}.*model\.safetensors differ"):
+        _extractors(config.worker_settings("cpu", 2, weights))
+    torch.set_num_threads(threads)

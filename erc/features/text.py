@@ -272,6 +272,7 @@ class TextConfig:
     device: str = "cpu"
     context: bool = True
     pooling: str | None = None
+    revision: str | None = None  # a hub model's snapshot commit (branch or tag) to load; ignored for a directory
 
 
 class TextExtractor:
@@ -289,8 +290,9 @@ class TextExtractor:
             raise ConfigError(f"text encoder directory {config.model!r} not found")
         source = str(local) if local.is_dir() else config.model
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source)
-            self.model = AutoModel.from_pretrained(source, dtype=torch.float32)
+            revision = None if local.is_dir() else config.revision
+            self.tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+            self.model = AutoModel.from_pretrained(source, revision=revision, dtype=torch.float32)
         except (OSError, ValueError) as error:
             raise ConfigError(f"cannot load text encoder {config.model!r}: {error}") from error
         limit = self.tokenizer.model_max_length
@@ -320,7 +322,7 @@ class TextExtractor:
     def info(self) -> dict:
         """What produced the features, for shard provenance (weight checksums computed once)."""
         if self._weights_sha256 is None:
-            self._weights_sha256 = encoder_weights_sha256(self.config.model)
+            self._weights_sha256 = encoder_weights_sha256(self.config.model, self.config.revision)
         return {
             "extractor": "transformers",
             **asdict(self.config),
@@ -331,8 +333,9 @@ class TextExtractor:
         }
 
 
-def encoder_weights_sha256(name_or_dir: str) -> dict[str, str]:
-    """sha256 of each weight file of a local model directory, or of a hub model's snapshot.
+def encoder_weights_sha256(name_or_dir: str, revision: str | None = None) -> dict[str, str]:
+    """sha256 of each weight file of a local model directory, or of a hub model's snapshot (at
+    ``revision``, default the cached or latest one).
 
     A hub model that is not in the local cache is fetched first (its config and weights, as loading
     it would), so that the checksum is of the weights the features come from; where the hub cannot
@@ -340,22 +343,23 @@ def encoder_weights_sha256(name_or_dir: str) -> dict[str, str]:
     """
     directory = Path(name_or_dir).expanduser()
     if not directory.is_dir():
-        directory = hub_snapshot(name_or_dir)
+        directory = hub_snapshot(name_or_dir, revision)
     files = sorted({path for pattern in WEIGHT_FILE_PATTERNS for path in directory.glob(pattern)})
     return {path.name: sha256_file(path) for path in files}
 
 
-def hub_snapshot(name: str) -> Path:
-    """The local snapshot of hub model ``name`` with its weights (safetensors, else PyTorch .bin)."""
+def hub_snapshot(name: str, revision: str | None = None) -> Path:
+    """The local snapshot of hub model ``name`` with its weights (safetensors, else PyTorch .bin),
+    at ``revision`` if given; the directory's name is the snapshot's commit."""
     from huggingface_hub import snapshot_download
 
-    cached_config = try_to_load_from_cache(name, "config.json")
+    cached_config = try_to_load_from_cache(name, "config.json", revision=revision)
     if isinstance(cached_config, str) and any(Path(cached_config).parent.glob("*.safetensors")):
         return Path(cached_config).parent
     try:
-        directory = Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors"]))
+        directory = Path(snapshot_download(name, revision=revision, allow_patterns=["config.json", "*.safetensors"]))
         if not any(directory.glob("*.safetensors")):
-            directory = Path(snapshot_download(name, allow_patterns=["config.json", "pytorch_model*.bin"]))
+            directory = Path(snapshot_download(name, revision=revision, allow_patterns=["config.json", "pytorch_model*.bin"]))
     except Exception as error:  # offline, unknown repository, no access: all end the same way
         raise ConfigError(f"text model {name!r}: not a local directory, not in the Hugging Face cache, and "
                           f"the hub did not provide it ({type(error).__name__})") from error

@@ -141,15 +141,19 @@ class ExtractConfig:
                 if not self.face_weights.is_file():
                     raise ConfigError(f"--face-weights {self.face_weights}: no such file")
 
-    def worker_settings(self, device: str, threads: int) -> WorkerSettings:
-        """What a worker process needs to build the extractors of this configuration."""
+    def worker_settings(self, device: str, threads: int, weights: Mapping[str, Any] | None = None) -> WorkerSettings:
+        """What a worker process needs to build the extractors of this configuration. With the
+        client's ``weights`` (``collect_weights``) workers load the text model's snapshot the client
+        resolved and check that their weight files hash the same."""
+        text_weights = (weights or {}).get("text") or {}
         return WorkerSettings(
             modalities=self.modalities, text_model=self.text_model, text_max_length=self.text_max_length,
             text_context=self.text_context, text_pooling=self.text_pooling,
             face_weights=str(self.face_weights) if self.face_weights else None,
             random_face_weights=self.random_face_weights, faces=self.faces, num_frames=self.num_frames,
             precision=self.precision, seed=self.seed, device=device, threads=threads,
-            detect_max_side=self.detect_max_side,
+            detect_max_side=self.detect_max_side, text_revision=text_weights.get("revision"),
+            text_weights_sha256=tuple(sorted((text_weights.get("sha256") or {}).items())),
         )
 
     def feature_config(self, weights: dict[str, Any]) -> dict[str, Any]:
@@ -216,6 +220,8 @@ class WorkerSettings:
     device: str
     threads: int
     detect_max_side: int | None = 640
+    text_revision: str | None = None  # a hub text model's snapshot commit, resolved once by the client
+    text_weights_sha256: tuple[tuple[str, str], ...] = ()  # the client's (file, sha256) of the text weights
 
 
 _EXTRACTORS: dict[WorkerSettings, dict[str, Any]] = {}
@@ -283,8 +289,10 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
 
             built["text"] = TextExtractor(
                 TextConfig(model=settings.text_model, max_length=settings.text_max_length,
-                           context=settings.text_context, pooling=settings.text_pooling, device=settings.device)
+                           context=settings.text_context, pooling=settings.text_pooling, device=settings.device,
+                           revision=settings.text_revision)
             )
+            _check_text_weights(built["text"], settings)
         if "audio" in settings.modalities:
             from erc.features.audio import AudioConfig, AudioExtractor
 
@@ -301,6 +309,21 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
         built = {modality: OneCallAtATime(extractor) for modality, extractor in built.items()}
         _EXTRACTORS[settings] = built
         return built, True
+
+
+def _check_text_weights(extractor: Any, settings: WorkerSettings) -> None:
+    """Raise ConfigError, naming this worker, if its text weight files do not hash as the client's."""
+    if not settings.text_weights_sha256:
+        return
+    expected, found = dict(settings.text_weights_sha256), extractor.info()["weights_sha256"]
+    if found != expected:
+        differing = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+        raise ConfigError(
+            f"worker {_worker_name()}: the text model {settings.text_model!r}"
+            + (f" (revision {settings.text_revision})" if settings.text_revision else "")
+            + f" has other weights here than on the client ({', '.join(differing)} differ): give every machine "
+            "the same model files"
+        )
 
 
 @dataclass
@@ -777,7 +800,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
         # the local cluster's workers share this machine; a cluster's workers size themselves (0)
         threads = config.threads_per_worker or (
             0 if config.scheduler else max(1, usable_cores() // max(1, config.workers)))
-        settings = config.worker_settings(config.device, threads)
+        settings = config.worker_settings(config.device, threads, weights)
         # dask runs higher priorities first: the largest units start first, so the run ends on small ones
         size = {name: sum(len(d) for d in dialogues) for name, dialogues in plan.items()}
         attempts: Counter[str] = Counter()

@@ -86,11 +86,12 @@ def extract_conversation(
     local = Path(config.text_model).expanduser()
     if "text" in modalities and (local.is_absolute() or config.text_model.startswith(".")) and not local.is_dir():
         raise ConfigError(f"text encoder directory {config.text_model!r} that the run was extracted with: not found")
-    check_weights(index.get("weights") or {}, collect_weights(config), modalities)
+    weights = collect_weights(config)
+    check_weights(index.get("weights") or {}, weights, modalities)
     corpus = read_manifest(Path(manifest), allow_unlabeled=True)
     unlabeled = [dataclasses.replace(d, utterances=[dataclasses.replace(u, label=None) for u in d.utterances])
                  for d in corpus.dialogues]  # the run's label names, not the manifest's, index the classes
-    settings = config.worker_settings(device, torch.get_num_threads())
+    settings = config.worker_settings(device, torch.get_num_threads(), weights)
     payload = extract_dialogues(unlabeled, checkpoint["label_names"], settings)
     for modality in modalities:
         if payload.dims[modality] != checkpoint["input_dims"][modality]:

@@ -411,3 +411,30 @@ def test_paths_given_to_workers_are_absolute(tmp_path, monkeypatch, tiny_text_en
     assert Path(config.text_model).is_absolute() and Path(config.text_model).samefile(tiny_text_encoder)
     settings = config.worker_settings("cpu", 1)
     assert Path(settings.face_weights).is_absolute() and Path(settings.text_model).is_absolute()
+
+
+def test_each_local_worker_gets_its_own_gpu(monkeypatch):
+    """--device cuda with several local workers on a machine with several GPUs: worker k uses GPU
+    k mod count; a worker pinned by CUDA_VISIBLE_DEVICES, a single GPU, an explicit index, the CPU and
+    a process outside Dask keep the device as given."""
+    import distributed
+    import torch
+
+    from erc.pipeline.extract import worker_device
+
+    class FakeWorker:
+        def __init__(self, name):
+            self.name = name
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_device("cuda") == "cuda"  # not in a worker
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for name, expected in ((0, "cuda:0"), (3, "cuda:3"), (5, "cuda:1"), ("tcp-named", "cuda")):
+        monkeypatch.setattr(distributed, "get_worker", lambda name=name: FakeWorker(name))
+        assert worker_device("cuda") == expected
+    assert worker_device("cuda:2") == "cuda:2" and worker_device("cpu") == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert worker_device("cuda") == "cuda"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_device("cuda") == "cuda"

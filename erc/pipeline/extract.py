@@ -274,6 +274,27 @@ def torch_threads_for(settings: WorkerSettings) -> int:
     return settings.threads or max(1, usable_cores() // _worker_threads())
 
 
+def worker_device(device: str) -> str:
+    """The device this process's models go on. ``cuda`` without an index, in a Dask worker that
+    sees several GPUs, becomes one GPU per worker: ``cuda:(name mod GPUs)`` for the integer-named
+    workers of a local cluster. A worker started with ``CUDA_VISIBLE_DEVICES`` (one GPU each, as
+    dask-cuda does) or any other device is left as it is."""
+    if device != "cuda" or os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return device
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError, AttributeError):
+        return device
+    count = torch.cuda.device_count()
+    if count < 2 or not isinstance(name, int):
+        return device
+    return f"cuda:{name % count}"
+
+
 def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
     """The extractors of this process for ``settings``, built on first use (each behind its own
     lock, see ``OneCallAtATime``). Returns (them, built_now)."""
@@ -283,13 +304,14 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
         import torch
 
         torch.set_num_threads(torch_threads_for(settings))
+        device = worker_device(settings.device)
         built: dict[str, Any] = {}
         if "text" in settings.modalities:
             from erc.features.text import TextConfig, TextExtractor
 
             built["text"] = TextExtractor(
                 TextConfig(model=settings.text_model, max_length=settings.text_max_length,
-                           context=settings.text_context, pooling=settings.text_pooling, device=settings.device,
+                           context=settings.text_context, pooling=settings.text_pooling, device=device,
                            revision=settings.text_revision)
             )
             _check_text_weights(built["text"], settings)
@@ -303,7 +325,7 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
             built["visual"] = VisualExtractor(
                 VisualConfig(num_frames=settings.num_frames, faces=settings.faces, face_weights=settings.face_weights,
                              random_face_weights=settings.random_face_weights, seed=settings.seed,
-                             device=settings.device, precision=settings.precision,
+                             device=device, precision=settings.precision,
                              detect_max_side=settings.detect_max_side)
             )
         built = {modality: OneCallAtATime(extractor) for modality, extractor in built.items()}

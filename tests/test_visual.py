@@ -347,3 +347,53 @@ def test_weights_info_and_provenance(extractor, tmp_path):
     assert versions["erc"] == erc.__version__
     assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert set(versions) >= {"torchvision", "transformers", "opencv-python-headless", "av", "h5py", "dask", "xlstm"}
+
+
+def test_crops_of_several_utterances_share_resnet_calls_with_the_same_features(media, face_video, two_faces_video, monkeypatch):
+    """``crop_batch``: the face crops of several utterances go through the ResNet together (as on a
+    GPU by default). Features equal one utterance at a time; an utterance without a face is still
+    its own failure; and when a shared call fails, each utterance is embedded alone, so one bad
+    utterance cannot take the others with it."""
+    from erc.pipeline.corpus import Dialogue, Utterance
+    from erc.pipeline.extract import WorkerSettings, extract_dialogues
+
+    empty = write_video(media / "empty_room_batch.mp4", FPS, faces=lambda i, count: [])
+    spans = [(face_video, 0.0, 1.0), (empty, 0.0, 0.9), (two_faces_video, None, None), (face_video, 1.0, 3.0)]
+    utterances = [Utterance(f"u{i}", "d", i, "train", "A", 0, "", None, video=path, start=start, end=end)
+                  for i, (path, start, end) in enumerate(spans)]
+    dialogue = [Dialogue("d", "train", utterances)]
+
+    def run(crop_batch):
+        settings = WorkerSettings(modalities=("visual",), text_model="", text_max_length=8, text_context=False,
+                                  text_pooling=None, face_weights=None, random_face_weights=True, faces="all",
+                                  num_frames=6, precision="fp32", seed=0, device="cpu", threads=1, crop_batch=crop_batch)
+        payload = extract_dialogues(dialogue, [], settings)
+        return {r.utterance_id: r for r in payload.records}, [(f["item"], f["modality"]) for f in payload.failures]
+
+    calls = []
+    real_embed = VisualExtractor.embed_faces
+    monkeypatch.setattr(VisualExtractor, "embed_faces", lambda self, crops: calls.append(len(crops)) or real_embed(self, crops))
+    alone, alone_failures = run(1)
+    alone_calls, calls[:] = list(calls), []
+    together, together_failures = run(1000)
+    assert len(alone_calls) == 3 and len(calls) == 1 and calls[0] == sum(alone_calls)
+    assert alone_failures == together_failures == [("u1", "visual")]
+    assert "visual" not in together["u1"].features
+    for uid in ("u0", "u2", "u3"):
+        scale = float(np.abs(alone[uid].visual_frames).max())
+        np.testing.assert_allclose(together[uid].features["visual"], alone[uid].features["visual"], rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(together[uid].visual_frames, alone[uid].visual_frames, rtol=0, atol=1e-5 * scale)
+        assert np.array_equal(together[uid].visual_frame_mask, alone[uid].visual_frame_mask)
+
+    def refuse_shared_calls(self, crops):  # a shared call fails; each utterance's own crops pass
+        calls.append(len(crops))
+        if len(crops) > max(alone_calls):
+            raise RuntimeError("out of memory")
+        return real_embed(self, crops)
+
+    calls[:] = []
+    monkeypatch.setattr(VisualExtractor, "embed_faces", refuse_shared_calls)
+    retried, retried_failures = run(999)
+    assert calls == [sum(alone_calls), *alone_calls] and retried_failures == [("u1", "visual")]
+    for uid in ("u0", "u2", "u3"):
+        np.testing.assert_array_equal(retried[uid].features["visual"], alone[uid].features["visual"])

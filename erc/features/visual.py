@@ -67,6 +67,16 @@ class VisualConfig:
     device: str = "cpu"
     precision: str = "fp32"  # "fp32" | "bf16"
     detect_max_side: int | None = 640
+    crop_batch: int | None = None  # face crops per ResNet call across utterances (None: per device, see below)
+
+    @property
+    def crops_per_call(self) -> int:
+        """``crop_batch``, or by default 256 on a GPU (which sits idle behind one utterance's ~20
+        crops) and 1 on a CPU, i.e. each utterance's crops alone: a CPU gains nothing from larger
+        batches (measured: 47 ms per crop at 20, 59 at 60, bf16, one thread)."""
+        if self.crop_batch is not None:
+            return self.crop_batch
+        return 256 if self.device.startswith("cuda") else 1
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
@@ -75,8 +85,19 @@ class VisualConfig:
             raise ConfigError(f"faces must be 'all' or 'largest', got {self.faces!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.crop_batch is not None and self.crop_batch < 1:
+            raise ConfigError(f"crop_batch must be at least 1, got {self.crop_batch}")
         if self.detect_max_side is not None and self.detect_max_side < 64:
             raise ConfigError(f"detect_max_side must be at least 64 pixels or None, got {self.detect_max_side}")
+
+
+@dataclass
+class FaceCrops:
+    """The faces found in an utterance's sampled frames: (n, 224, 224, 3) uint8 RGB crops in frame
+    order and the number of faces of each frame (n = its sum > 0)."""
+
+    crops: np.ndarray
+    faces_per_frame: np.ndarray  # (num_frames,) int32
 
 
 @dataclass
@@ -196,6 +217,12 @@ class VisualExtractor:
 
         Raises MediaError for unreadable media and NoFaceError when no sampled frame shows a face.
         """
+        faces = self.find_faces(video, start, end)
+        return self.pool(faces, self.embed_faces(faces.crops))
+
+    def find_faces(self, video: Path, start: float | None = None, end: float | None = None) -> FaceCrops:
+        """Decode the sampled frames and crop their faces (the first half of ``extract``; the crops
+        of several utterances can then share one ``embed_faces`` call)."""
         frames, _ = read_frames(video, start, end, self.config.num_frames)
         boxes = self.detect_faces(frames)
         faces_per_frame = np.array([len(b) for b in boxes], dtype=np.int32)
@@ -203,9 +230,14 @@ class VisualExtractor:
             span = f"{0 if start is None else start}-{'end' if end is None else end} s"
             raise NoFaceError(f"{video}: no face in any of the {len(frames)} frames sampled from {span}")
         crops = [_crop(frame, box) for frame, frame_boxes in zip(frames, boxes) for box in frame_boxes]
-        embeddings = self.embed_faces(np.stack(crops))
-        owner = np.repeat(np.arange(len(frames)), faces_per_frame)
-        frame_vectors = np.zeros((len(frames), self.dim), dtype=np.float32)
+        return FaceCrops(np.stack(crops), faces_per_frame)
+
+    def pool(self, faces: FaceCrops, embeddings: np.ndarray) -> VisualFeatures:
+        """Frame vectors (mean over each frame's faces) and the utterance vector (mean over the
+        frames with a face) from the ResNet outputs of ``faces.crops``."""
+        faces_per_frame = faces.faces_per_frame
+        owner = np.repeat(np.arange(len(faces_per_frame)), faces_per_frame)
+        frame_vectors = np.zeros((len(faces_per_frame), self.dim), dtype=np.float32)
         np.add.at(frame_vectors, owner, embeddings)
         frame_mask = faces_per_frame > 0
         frame_vectors[frame_mask] /= faces_per_frame[frame_mask, None]

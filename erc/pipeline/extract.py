@@ -92,6 +92,7 @@ class ExtractConfig:
     dialogues_per_shard: int | None = None  # instead: this many dialogues per shard
     labels: tuple[str, ...] | None = None  # manifest: the class vocabulary, in this order (--labels)
     detect_max_side: int | None = 640  # MTCNN sees frames shrunk to this longest side (None: full size)
+    crop_batch: int | None = None  # face crops per ResNet call across utterances (None: 256 on CUDA, one utterance on CPU)
     strict: bool = False  # stop at the first unforeseen exception instead of recording it
     scheduler_timeout: float = 60.0  # seconds to reach --scheduler and for its first worker
 
@@ -108,6 +109,8 @@ class ExtractConfig:
             self.labels = tuple(self.labels)
         if self.detect_max_side is not None and self.detect_max_side < 64:
             raise ConfigError(f"--detect-max-side must be at least 64 pixels, got {self.detect_max_side}")
+        if self.crop_batch is not None and self.crop_batch < 1:
+            raise ConfigError(f"--crop-batch must be at least 1, got {self.crop_batch}")
         if self.shard_utterances < 1 or (self.dialogues_per_shard is not None and self.dialogues_per_shard < 1):
             raise ConfigError("--shard-utterances and --dialogues-per-shard must be at least 1")
         if not self.scheduler_timeout > 0:
@@ -152,7 +155,7 @@ class ExtractConfig:
             face_weights=str(self.face_weights) if self.face_weights else None,
             random_face_weights=self.random_face_weights, faces=self.faces, num_frames=self.num_frames,
             precision=self.precision, seed=self.seed, device=device, threads=threads,
-            detect_max_side=self.detect_max_side, text_revision=text_weights.get("revision"),
+            detect_max_side=self.detect_max_side, crop_batch=self.crop_batch, text_revision=text_weights.get("revision"),
             text_weights_sha256=tuple(sorted((text_weights.get("sha256") or {}).items())),
         )
 
@@ -220,6 +223,7 @@ class WorkerSettings:
     device: str
     threads: int
     detect_max_side: int | None = 640
+    crop_batch: int | None = None
     text_revision: str | None = None  # a hub text model's snapshot commit, resolved once by the client
     text_weights_sha256: tuple[tuple[str, str], ...] = ()  # the client's (file, sha256) of the text weights
 
@@ -326,7 +330,7 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
                 VisualConfig(num_frames=settings.num_frames, faces=settings.faces, face_weights=settings.face_weights,
                              random_face_weights=settings.random_face_weights, seed=settings.seed,
                              device=device, precision=settings.precision,
-                             detect_max_side=settings.detect_max_side)
+                             detect_max_side=settings.detect_max_side, crop_batch=settings.crop_batch)
             )
         built = {modality: OneCallAtATime(extractor) for modality, extractor in built.items()}
         _EXTRACTORS[settings] = built
@@ -442,6 +446,39 @@ def extract_dialogues(
             seconds[modality] += time.perf_counter() - started
         return None
 
+    # utterances whose faces are cropped, waiting for the ResNet: on a GPU the crops of several
+    # utterances share one call (VisualConfig.crops_per_call); on a CPU each utterance goes alone
+    waiting: list[tuple[UtteranceRecord, Path, Any]] = []
+
+    def embed_waiting() -> None:
+        """ResNet outputs for the waiting utterances' crops in one call, pooled into each record;
+        if that call fails, each utterance is embedded alone so the failure stays with its item."""
+        if not waiting:
+            return
+        visual = extractors["visual"]
+
+        def finish(record: UtteranceRecord, faces: Any, embeddings: np.ndarray) -> None:
+            features = visual.pool(faces, embeddings)
+            _check_vector(features.utterance, visual.dim, "visual")
+            if not np.all(np.isfinite(features.frames)):
+                raise ValueError("per-frame visual features have non-finite values")
+            record.features["visual"] = features.utterance
+            record.visual_frames, record.visual_frame_mask = features.frames, features.frame_mask
+
+        embeddings = None
+        if len(waiting) > 1:
+            started = time.perf_counter()
+            try:
+                embeddings = visual.embed_faces(np.concatenate([faces.crops for _, _, faces in waiting]))
+            except Exception:
+                embeddings = None  # retried per utterance below
+            seconds["visual"] += time.perf_counter() - started
+        offsets = np.cumsum([0] + [len(faces.crops) for _, _, faces in waiting])
+        for (record, source, faces), first, last in zip(waiting, offsets[:-1], offsets[1:]):
+            own = (lambda: embeddings[first:last]) if embeddings is not None else (lambda: visual.embed_faces(faces.crops))
+            attempt(record.utterance_id, "visual", source, lambda: finish(record, faces, own()))
+        waiting.clear()
+
     for dialogue in dialogues:
         utterances = dialogue.utterances
         texts = None
@@ -478,21 +515,13 @@ def extract_dialogues(
                     lambda: _check_vector(audio.extract(*media), audio.dim, "audio"),
                 )
             if "visual" in extractors and (media := _media_source(u, "visual")) is not None:
-                visual_extractor = extractors["visual"]
-
-                def run_visual():
-                    visual = visual_extractor.extract(*media)
-                    _check_vector(visual.utterance, visual_extractor.dim, "visual")
-                    if not np.all(np.isfinite(visual.frames)):
-                        raise ValueError("per-frame visual features have non-finite values")
-                    return visual
-
-                visual = attempt(u.utterance_id, "visual", media[0], run_visual)
-                if visual is not None:
-                    record.features["visual"] = visual.utterance
-                    record.visual_frames = visual.frames
-                    record.visual_frame_mask = visual.frame_mask
+                faces = attempt(u.utterance_id, "visual", media[0], lambda: extractors["visual"].find_faces(*media))
+                if faces is not None:
+                    waiting.append((record, media[0], faces))
+                    if sum(len(f.crops) for _, _, f in waiting) >= extractors["visual"].config.crops_per_call:
+                        embed_waiting()
             records.append(record)
+    embed_waiting()
     dims = {m: extractors[m].dim for m in settings.modalities}
     import torch
 

@@ -321,7 +321,7 @@ def test_plan_shards_balances_whole_dialogues_by_size():
     target to the target plus one dialogue; long dialogues get groups of their own, short ones share.
     ``dialogues_per_shard`` keeps a fixed count."""
     from erc.pipeline.corpus import Dialogue
-    from erc.pipeline.extract import plan_shards
+    from erc.pipeline.shards import plan_shards
 
     rng = np.random.default_rng(0)
     lengths = list(rng.integers(20, 111, 60)) + list(rng.integers(1, 25, 200))  # IEMOCAP-like, then MELD-like

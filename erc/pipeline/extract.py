@@ -1,8 +1,9 @@
 """The extraction stage: a corpus on disk -> HDF5 feature shards, in parallel on a Dask cluster.
 
 The client reads the corpus, plans shards of whole dialogues (``plan.json``; size-balanced, about
-64 utterances each by default: see ``plan_shards``), checks that every worker sees the corpus,
-weights and output paths, and submits one task per shard that is not on disk yet, largest first. Each worker extracts its shard's dialogues and writes the shard itself (fsync + atomic
+64 utterances each by default: see ``erc.pipeline.shards.plan_shards``), checks that every worker
+sees the corpus, weights and output paths, and submits one task per shard that is not on disk yet,
+largest first. Each worker extracts its shard's dialogues and writes the shard itself (fsync + atomic
 rename into ``OUT/shards``, which must be on storage the client and the workers share), then
 returns a small summary; the client releases each future as it finishes. Workers keep their models
 loaded between tasks (one load per worker process).
@@ -31,7 +32,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from erc.pipeline.shards import (
     UtteranceRecord,
     build_index,
     config_hash,
+    plan_shards,
     read_shard_attrs,
     summarize_shard,
     write_json_atomic,
@@ -471,7 +473,7 @@ def extract_dialogues(
             try:
                 embeddings = visual.embed_faces(np.concatenate([faces.crops for _, _, faces in waiting]))
             except Exception:
-                embeddings = None  # retried per utterance below
+                pass  # embeddings stays None: each utterance is retried alone below
             seconds["visual"] += time.perf_counter() - started
         offsets = np.cumsum([0] + [len(faces.crops) for _, _, faces in waiting])
         for (record, source, faces), first, last in zip(waiting, offsets[:-1], offsets[1:]):
@@ -597,31 +599,6 @@ def check_worker_paths(readable: dict[str, str], writable: str) -> str | None:
 
 # ----------------------------------------------------------------------------------------------
 # Client side: plan, resume, schedule, write
-
-
-def plan_shards(
-    dialogues: Sequence[Dialogue], utterances: int = 64, dialogues_per_shard: int | None = None
-) -> dict[str, list[Dialogue]]:
-    """Group whole dialogues, in corpus order, into shards (each shard is one unit of work for a
-    worker): ``dialogues_per_shard`` dialogues each if given, else size-balanced groups of about
-    ``utterances`` utterances. A group closes once it reaches the target; a dialogue that would
-    take a group of at least half the target past it starts the next group instead. So groups
-    hold between half the target and the target plus one dialogue (or one longer dialogue), and
-    a corpus of long dialogues (IEMOCAP: 20-110 utterances) gets as many units of work as one of
-    short ones of the same size (MELD: about 10) instead of 8 dialogues a shard either way."""
-    groups: list[list[Dialogue]] = []
-    if dialogues_per_shard is not None:
-        groups = [list(dialogues[i : i + dialogues_per_shard]) for i in range(0, len(dialogues), dialogues_per_shard)]
-    else:
-        size = 0
-        for dialogue in dialogues:
-            if groups and size < utterances and not (size >= utterances / 2 and size + len(dialogue) > utterances):
-                groups[-1].append(dialogue)
-                size += len(dialogue)
-            else:
-                groups.append([dialogue])
-                size = len(dialogue)
-    return {f"{i:05d}.h5": group for i, group in enumerate(groups)}
 
 
 def collect_weights(config: ExtractConfig) -> dict[str, Any]:

@@ -35,9 +35,10 @@ import json
 import os
 import uuid
 from collections import Counter
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -203,6 +204,35 @@ class ShardSummary:
     failures: list[dict[str, str]]
 
 
+DialogueT = TypeVar("DialogueT", bound=Sized)
+
+
+def plan_shards(
+    dialogues: Sequence[DialogueT], utterances: int = 64, dialogues_per_shard: int | None = None
+) -> dict[str, list[DialogueT]]:
+    """Group whole dialogues, in corpus order, into shards (each shard is one unit of work for a
+    worker): ``dialogues_per_shard`` dialogues each if given, else size-balanced groups of about
+    ``utterances`` utterances. A group closes once it reaches the target; a dialogue that would
+    take a group of at least half the target past it starts the next group instead. So groups
+    hold between half the target and the target plus one dialogue (or one longer dialogue), and
+    a corpus of long dialogues (IEMOCAP: 20-110 utterances) gets as many units of work as one of
+    short ones of the same size (MELD: about 10) instead of 8 dialogues a shard either way. A
+    dialogue is anything with a length: a corpus ``Dialogue`` or a list of its records."""
+    groups: list[list[DialogueT]] = []
+    if dialogues_per_shard is not None:
+        groups = [list(dialogues[i : i + dialogues_per_shard]) for i in range(0, len(dialogues), dialogues_per_shard)]
+    else:
+        size = 0
+        for dialogue in dialogues:
+            if groups and size < utterances and not (size >= utterances / 2 and size + len(dialogue) > utterances):
+                groups[-1].append(dialogue)
+                size += len(dialogue)
+            else:
+                groups.append([dialogue])
+                size = len(dialogue)
+    return {f"{i:05d}.h5": group for i, group in enumerate(groups)}
+
+
 def write_shard_set(
     out: Path,
     records: list[UtteranceRecord],
@@ -227,9 +257,9 @@ def write_shard_set(
             dialogues.append([])
         dialogues[-1].append(record)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    for s, start in enumerate(range(0, len(dialogues), dialogues_per_shard)):
-        part = [r for dialogue in dialogues[start:start + dialogues_per_shard] for r in dialogue]
-        write_shard(out / "shards" / f"{s:05d}.h5", part, attrs=attrs, dims=dims, num_frames=num_frames)
+    for name, part in plan_shards(dialogues, dialogues_per_shard=dialogues_per_shard).items():
+        write_shard(out / "shards" / name, [r for dialogue in part for r in dialogue], attrs=attrs, dims=dims,
+                    num_frames=num_frames)
     return build_index(out)
 
 

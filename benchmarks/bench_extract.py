@@ -7,10 +7,10 @@ face weights) with ``--copies`` copies of its dialogues, then
 
 1. times each stage of one utterance through the library API (median of 3 after a warm-up):
    decoding 20 frames, MTCNN on them, ResNet-101 on the face crops in fp32 and bf16, openSMILE, and
-   the text encoder on its dialogue;
+   the text encoder on its dialogue in fp32 and bf16;
 2. extracts the whole corpus from scratch with 1 worker of 1 thread (the baseline), 2 workers of 1
-   thread in fp32, and 2 workers of 1 thread with ``--precision auto`` (bf16 where the CPU computes
-   it natively), and prints utterances/second. "steady" leaves out the cluster start and model
+   thread in fp32, and 2 workers of 1 thread with ``--precision auto --text-precision auto`` (bf16
+   where the CPU computes it natively), and prints utterances/second. "steady" leaves out the cluster start and model
    loading: utterances after the first finished shard over the time after it.
 
 Target (issue 10): >= 1.0 utt/s steady state on 2 cores with all modalities.
@@ -49,6 +49,7 @@ def stage_times(manifest: Path, threads: int) -> list[tuple[str, float]]:
     bf16 = VisualExtractor(VisualConfig(random_face_weights=True, seed=0, precision="bf16"))
     audio = AudioExtractor()
     text = TextExtractor(TextConfig(model=str(bundled_text_encoder()), pooling="utterance"))
+    text_bf16 = TextExtractor(TextConfig(model=str(bundled_text_encoder()), pooling="utterance", precision="bf16"))
     frames, _ = read_frames(video, None, None, 20)
     boxes = fp32.detect_faces(frames)
     crops = np.stack([_crop(frame, box) for frame, frame_boxes in zip(frames, boxes) for box in frame_boxes])
@@ -68,8 +69,10 @@ def stage_times(manifest: Path, threads: int) -> list[tuple[str, float]]:
         (f"ResNet-101 on {len(crops)} face crops, fp32", timed(lambda: fp32.embed_faces(crops))),
         (f"ResNet-101 on {len(crops)} face crops, bf16", timed(lambda: bf16.embed_faces(crops))),
         ("openSMILE ComParE_2016 functionals", timed(lambda: audio.extract(manifest.parent / first["audio"] if first.get("audio") else video))),
-        (f"text encoder, one dialogue of {len(dialogue)} (per utterance)",
-         timed(lambda: text.extract_dialogue([r["speaker"] for r in dialogue], [r["text"] for r in dialogue])) / len(dialogue)),
+        *((f"text encoder, one dialogue of {len(dialogue)} (per utterance), {name}",
+           timed(lambda: encoder.extract_dialogue([r["speaker"] for r in dialogue], [r["text"] for r in dialogue]))
+           / len(dialogue))
+          for name, encoder in (("fp32", text), ("bf16", text_bf16))),
     ]
 
 
@@ -104,7 +107,8 @@ def main() -> None:
             finished: list[float] = []
             config = ExtractConfig(dataset="manifest", root=manifest.parent, manifest=manifest, out=out,
                                    text_model=str(bundled_text_encoder()), random_face_weights=True, workers=workers,
-                                   threads_per_worker=threads, dialogues_per_shard=1, precision=precision)
+                                   threads_per_worker=threads, dialogues_per_shard=1, precision=precision,
+                                   text_precision=precision)
             started = time.perf_counter()
             result = extract(config, progress=lambda done, total: finished.append((time.perf_counter() - started, done)))
             first_seconds, first_done = finished[0]

@@ -108,7 +108,8 @@ def test_rerun_skips_finished_shards(manifest_reference, manifest_path, tiny_tex
 
 
 @pytest.mark.parametrize("change", [{"faces": "largest"}, {"detect_max_side": 320}, {"precision": "bf16"},
-                                    {"device": "cuda"}], ids=["faces", "detect_max_side", "precision", "device"])
+                                    {"text_precision": "bf16"}, {"device": "cuda"}],
+                         ids=["faces", "detect_max_side", "precision", "text_precision", "device"])
 def test_other_config_refused_without_overwrite(manifest_reference, manifest_path, tiny_text_encoder, tmp_path, change):
     """Every setting that changes the features is part of the resume key (so is erc's version)."""
     out = tmp_path / "copy"
@@ -124,16 +125,20 @@ def test_other_config_refused_without_overwrite(manifest_reference, manifest_pat
 def test_precision_auto_resolves_on_the_hardware(manifest_path, tmp_path, monkeypatch):
     from erc.pipeline import evaluate
 
-    def config(precision):
+    def config(precision, text_precision="fp32"):
         return ExtractConfig(dataset="manifest", root=manifest_path.parent, out=tmp_path, random_face_weights=True,
-                             precision=precision)
+                             precision=precision, text_precision=text_precision)
 
     monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: True)
-    assert config("auto").precision == "bf16"
+    assert config("auto").precision == "bf16" and config("auto").text_precision == "fp32"
+    assert config("fp32", "auto").text_precision == "bf16" and config("fp32", "auto").precision == "fp32"
     monkeypatch.setattr(evaluate, "cpu_has_native_bf16", lambda: False)
     assert config("auto").precision == "fp32" and config("bf16").precision == "bf16"
+    assert config("fp32", "auto").text_precision == "fp32"
     with pytest.raises(ConfigError, match="--precision"):
         config("fp16")
+    with pytest.raises(ConfigError, match="--text-precision"):
+        config("fp32", "fp16")
 
 
 def test_visual_needs_weights_or_explicit_random(manifest_path, tmp_path):

@@ -191,7 +191,23 @@ def test_info_records_weights_and_versions(minilm_features, tiny_roberta):
     assert tiny["model_type"] == "roberta" and tiny["hidden_size"] == 32
 
 
+def test_bf16_text_features_stay_close_to_fp32(minilm_features):
+    """The real MiniLM under bf16 autocast: every utterance's vector within cosine 0.999 of fp32, and
+    the arithmetic really changed (the vectors are not bit-identical)."""
+    fp32 = minilm_features[True]
+    bf16 = TextExtractor(TextConfig(MINILM, max_length=128, precision="bf16"))
+    for dialogue in (DIALOGUE_A, DIALOGUE_B, (SPEAKERS, TEXTS)):
+        exact, low = fp32.extract_dialogue(*dialogue), bf16.extract_dialogue(*dialogue)
+        assert low.dtype == np.float32 and low.shape == exact.shape
+        cosine = (exact * low).sum(1) / (np.linalg.norm(exact, axis=1) * np.linalg.norm(low, axis=1))
+        assert cosine.min() > 0.999, cosine
+        assert np.abs(exact - low).max() > 1e-4
+    assert bf16.info()["precision"] == "bf16"
+
+
 def test_bad_text_config(tmp_path, tiny_roberta):
+    with pytest.raises(ConfigError, match="precision"):
+        TextExtractor(TextConfig(model=str(tiny_roberta), precision="fp16"))
     with pytest.raises(ConfigError, match="not found"):
         TextExtractor(TextConfig(model=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="max_length 1024"):

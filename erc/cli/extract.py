@@ -62,6 +62,7 @@ def extract_command(
     modalities: Annotated[str, typer.Option(help="comma-separated subset of text,audio,visual")] = "text,audio,visual",
     label_set: LabelSetOption = "6class",
     precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto: the ResNet's arithmetic (auto = bf16 where the CPU or GPU computes it natively)")] = "fp32",
+    text_precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto: the text encoder's arithmetic (bf16 autocast; auto as for --precision)")] = "fp32",
     workers: Annotated[int, typer.Option(help="local Dask worker processes")] = 1,
     scheduler: Annotated[str | None, typer.Option(help="address of an existing Dask scheduler, e.g. tcp://host:8786")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
@@ -97,7 +98,7 @@ def extract_command(
                 text_max_length=text_max_length, text_pooling=text_pooling, face_weights=face_weights,
                 random_face_weights=random_face_weights, faces=faces, num_frames=num_frames,
                 modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), label_set=label_set,
-                precision=precision, workers=workers, scheduler=scheduler, device=device, limit=limit,
+                precision=precision, text_precision=text_precision, workers=workers, scheduler=scheduler, device=device, limit=limit,
                 overwrite=overwrite, max_failures=max_failures, shard_utterances=shard_utterances, dialogues_per_shard=dialogues_per_shard,
                 seed=seed,
                 labels=tuple(name.strip() for name in labels.split(",")) if labels is not None else None,
@@ -110,6 +111,8 @@ def extract_command(
                 console.print(f"text pooling: {config.text_pooling} ({pooling_choice(text_pooling, text_model)[1]})")
             if precision == "auto" and "visual" in config.modalities:
                 console.print(f"visual precision: {config.precision} (auto)")
+            if text_precision == "auto" and "text" in config.modalities:
+                console.print(f"text precision: {config.text_precision} (auto)")
             if config.random_face_weights and "visual" in config.modalities:
                 console.print("[yellow]visual features use RANDOM face weights: fine for testing, meaningless for "
                               "research[/yellow]")

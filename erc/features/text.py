@@ -273,6 +273,7 @@ class TextConfig:
     context: bool = True
     pooling: str | None = None
     revision: str | None = None  # a hub model's snapshot commit (branch or tag) to load; ignored for a directory
+    precision: str = "fp32"  # "fp32" | "bf16": the encoder's forward under bf16 autocast (pooling in fp32)
 
 
 class TextExtractor:
@@ -283,6 +284,8 @@ class TextExtractor:
         self.config = config = dataclasses.replace(config, pooling=resolve_pooling(config.pooling, config.model))
         if config.batch_size < 1:
             raise ConfigError(f"text batch_size must be at least 1, got {config.batch_size}")
+        if config.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"text precision must be 'fp32' or 'bf16', got {config.precision!r}")
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"text device {config.device!r} asked for but CUDA is not available")
         local = Path(config.model).expanduser()
@@ -311,12 +314,14 @@ class TextExtractor:
         inputs = context_inputs(self.tokenizer, speakers, texts, config.max_length, config.context)
         features = np.empty((len(inputs), self.dim), dtype=np.float32)
         by_length = sorted(range(len(inputs)), key=lambda i: len(inputs[i].ids))  # less padding per batch
+        autocast = torch.autocast(torch.device(config.device).type, torch.bfloat16, enabled=config.precision == "bf16")
         with torch.inference_mode():
             for first in range(0, len(by_length), config.batch_size):
                 rows = by_length[first : first + config.batch_size]
                 batch = pad_inputs([inputs[i] for i in rows], pad_token_id(self.tokenizer))
-                hidden = self.model(**encoder_inputs(batch, config.device)).last_hidden_state
-                features[rows] = pool_states(hidden, batch, config.pooling).float().cpu().numpy()
+                with autocast:
+                    hidden = self.model(**encoder_inputs(batch, config.device)).last_hidden_state
+                features[rows] = pool_states(hidden.float(), batch, config.pooling).cpu().numpy()
         return features
 
     def info(self) -> dict:

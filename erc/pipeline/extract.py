@@ -82,6 +82,7 @@ class ExtractConfig:
     faces: str = "all"
     num_frames: int = 20
     precision: str = "fp32"
+    text_precision: str = "fp32"
     seed: int = 0
     device: str = "cpu"
     workers: int = 1
@@ -127,14 +128,16 @@ class ExtractConfig:
             self.text_pooling = resolve_pooling(self.text_pooling, self.text_model)
         if self.faces not in ("all", "largest"):
             raise ConfigError(f"--faces must be 'all' or 'largest', got {self.faces!r}")
-        if self.precision not in ("fp32", "bf16", "auto"):
-            raise ConfigError(f"--precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
-        if self.precision == "auto":  # resolved here, so the shards record what ran (on the client's hardware)
-            import torch
+        for option, value in (("--precision", self.precision), ("--text-precision", self.text_precision)):
+            if value not in ("fp32", "bf16", "auto"):
+                raise ConfigError(f"{option} must be 'fp32', 'bf16' or 'auto', got {value!r}")
+        if "auto" in (self.precision, self.text_precision):  # resolved here, so the shards record what ran
+            import torch  # (on the client's hardware)
 
             from erc.pipeline.evaluate import resolve_precision
 
-            self.precision = resolve_precision("auto", torch.device(self.device))
+            self.precision = resolve_precision(self.precision, torch.device(self.device))
+            self.text_precision = resolve_precision(self.text_precision, torch.device(self.device))
         if "visual" in self.modalities:
             if self.face_weights is None and not self.random_face_weights:
                 raise ConfigError(
@@ -156,7 +159,7 @@ class ExtractConfig:
             text_context=self.text_context, text_pooling=self.text_pooling,
             face_weights=str(self.face_weights) if self.face_weights else None,
             random_face_weights=self.random_face_weights, faces=self.faces, num_frames=self.num_frames,
-            precision=self.precision, seed=self.seed, device=device, threads=threads,
+            precision=self.precision, text_precision=self.text_precision, seed=self.seed, device=device, threads=threads,
             detect_max_side=self.detect_max_side, crop_batch=self.crop_batch, text_revision=text_weights.get("revision"),
             text_weights_sha256=tuple(sorted((text_weights.get("sha256") or {}).items())),
         )
@@ -173,7 +176,7 @@ class ExtractConfig:
             "modalities": list(self.modalities),
             "device": self.device,
             "text": {"model": self.text_model, "max_length": self.text_max_length, "context": self.text_context,
-                     "pooling": self.text_pooling},
+                     "pooling": self.text_pooling, "precision": self.text_precision},
             "audio": {"feature_set": "ComParE_2016", "level": "functionals", "sample_rate": 16000},
             "visual": {"faces": self.faces, "num_frames": self.num_frames, "precision": self.precision, "seed": self.seed,
                        "detect_max_side": self.detect_max_side},
@@ -224,6 +227,7 @@ class WorkerSettings:
     seed: int
     device: str
     threads: int
+    text_precision: str = "fp32"
     detect_max_side: int | None = 640
     crop_batch: int | None = None
     text_revision: str | None = None  # a hub text model's snapshot commit, resolved once by the client
@@ -318,7 +322,7 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
             built["text"] = TextExtractor(
                 TextConfig(model=settings.text_model, max_length=settings.text_max_length,
                            context=settings.text_context, pooling=settings.text_pooling, device=device,
-                           revision=settings.text_revision)
+                           revision=settings.text_revision, precision=settings.text_precision)
             )
             _check_text_weights(built["text"], settings)
         if "audio" in settings.modalities:

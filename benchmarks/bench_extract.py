@@ -6,11 +6,12 @@ Builds the `erc demo` corpus (real face video, real audio, the real MiniLM text 
 face weights) with ``--copies`` copies of its dialogues, then
 
 1. times each stage of one utterance through the library API (median of 3 after a warm-up):
-   decoding 20 frames, MTCNN on them, ResNet-101 on the face crops in fp32 and bf16, openSMILE, and
+   decoding 20 frames, MTCNN on them, ResNet-101 on the face crops in fp32, bf16 and bf16 compiled
+   (``--compile``), openSMILE, and
    the text encoder on its dialogue in fp32 and bf16;
 2. extracts the whole corpus from scratch with 1 worker of 1 thread (the baseline), 2 workers of 1
    thread in fp32, and 2 workers of 1 thread with ``--precision auto --text-precision auto`` (bf16
-   where the CPU computes it natively), and prints utterances/second. "steady" leaves out the cluster start and model
+   where the CPU computes it natively), the same with ``--compile``, and prints utterances/second. "steady" leaves out the cluster start and model
    loading: utterances after the first finished shard over the time after it.
 
 Target (issue 10): >= 1.0 utt/s steady state on 2 cores with all modalities.
@@ -47,6 +48,7 @@ def stage_times(manifest: Path, threads: int) -> list[tuple[str, float]]:
     video = manifest.parent / first["video"]
     fp32 = VisualExtractor(VisualConfig(random_face_weights=True, seed=0))
     bf16 = VisualExtractor(VisualConfig(random_face_weights=True, seed=0, precision="bf16"))
+    compiled = VisualExtractor(VisualConfig(random_face_weights=True, seed=0, precision="bf16", compile=True))
     audio = AudioExtractor()
     text = TextExtractor(TextConfig(model=str(bundled_text_encoder()), pooling="utterance"))
     text_bf16 = TextExtractor(TextConfig(model=str(bundled_text_encoder()), pooling="utterance", precision="bf16"))
@@ -68,6 +70,7 @@ def stage_times(manifest: Path, threads: int) -> list[tuple[str, float]]:
         ("MTCNN on 20 frames", timed(lambda: fp32.detect_faces(frames))),
         (f"ResNet-101 on {len(crops)} face crops, fp32", timed(lambda: fp32.embed_faces(crops))),
         (f"ResNet-101 on {len(crops)} face crops, bf16", timed(lambda: bf16.embed_faces(crops))),
+        (f"ResNet-101 on {len(crops)} face crops, bf16 compiled", timed(lambda: compiled.embed_faces(crops))),
         ("openSMILE ComParE_2016 functionals", timed(lambda: audio.extract(manifest.parent / first["audio"] if first.get("audio") else video))),
         *((f"text encoder, one dialogue of {len(dialogue)} (per utterance), {name}",
            timed(lambda: encoder.extract_dialogue([r["speaker"] for r in dialogue], [r["text"] for r in dialogue]))
@@ -102,18 +105,20 @@ def main() -> None:
         if args.skip_runs:
             return
         rows = []
-        for workers, threads, precision in ((1, 1, "fp32"), (2, 1, "fp32"), (2, 1, "auto")):
-            out = Path(tmp) / f"out{workers}x{threads}{precision}"
+        for workers, threads, precision, compile in ((1, 1, "fp32", False), (2, 1, "fp32", False),
+                                                     (2, 1, "auto", False), (2, 1, "auto", True)):
+            out = Path(tmp) / f"out{workers}x{threads}{precision}{compile}"
             finished: list[float] = []
             config = ExtractConfig(dataset="manifest", root=manifest.parent, manifest=manifest, out=out,
                                    text_model=str(bundled_text_encoder()), random_face_weights=True, workers=workers,
                                    threads_per_worker=threads, dialogues_per_shard=1, precision=precision,
-                                   text_precision=precision)
+                                   text_precision=precision, compile=compile)
             started = time.perf_counter()
             result = extract(config, progress=lambda done, total: finished.append((time.perf_counter() - started, done)))
             first_seconds, first_done = finished[0]
             steady = (result.utterances - first_done) / (result.seconds - first_seconds)
-            rows.append((workers, threads, config.precision, result.utterances, result.seconds,
+            label = config.precision + (", --compile" if compile else "")
+            rows.append((workers, threads, label, result.utterances, result.seconds,
                          result.utterances_per_second, steady))
         base = rows[0][5]
         print(f"\n| workers × threads | precision | utterances | seconds | utt/s | steady utt/s | speed-up |\n|---|---|---|---|---|---|---|")

@@ -108,8 +108,8 @@ def test_rerun_skips_finished_shards(manifest_reference, manifest_path, tiny_tex
 
 
 @pytest.mark.parametrize("change", [{"faces": "largest"}, {"detect_max_side": 320}, {"precision": "bf16"},
-                                    {"text_precision": "bf16"}, {"device": "cuda"}],
-                         ids=["faces", "detect_max_side", "precision", "text_precision", "device"])
+                                    {"text_precision": "bf16"}, {"compile": True}, {"device": "cuda"}],
+                         ids=["faces", "detect_max_side", "precision", "text_precision", "compile", "device"])
 def test_other_config_refused_without_overwrite(manifest_reference, manifest_path, tiny_text_encoder, tmp_path, change):
     """Every setting that changes the features is part of the resume key (so is erc's version)."""
     out = tmp_path / "copy"

@@ -244,6 +244,35 @@ def test_bf16_is_close_to_fp32(six_frame_features, face_video):
     assert all(cosine(a, b) >= 0.999 for a, b, m in zip(bf16.frames, fp32.frames, fp32.frame_mask) if m)
 
 
+def test_compiled_resnet_gives_the_eager_features(six_frame_features, face_video):
+    """torch.compile (bf16, frozen, fused): the same faces, every frame within cosine 0.999 of the eager
+    fp32 features, and a second utterance with another number of crops reuses the compiled graph."""
+    compiled = VisualExtractor(VisualConfig(num_frames=6, random_face_weights=True, seed=0, precision="bf16",
+                                            compile=True))
+    features = compiled.extract(face_video)
+    assert compiled.compile_fallback is None, compiled.compile_fallback  # it compiled and ran
+    fp32 = six_frame_features
+    np.testing.assert_array_equal(features.frame_mask, fp32.frame_mask)
+    cosine = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    assert all(cosine(a, b) >= 0.999 for a, b, m in zip(features.frames, fp32.frames, fp32.frame_mask) if m)
+    crops = compiled.find_faces(face_video).crops
+    again = compiled.embed_faces(crops[:3])  # dynamic batch: no new compilation needed to run this
+    assert again.shape == (3, 1000) and compiled.compile_fallback is None
+
+
+def test_resnet_that_cannot_compile_runs_eagerly_and_says_why(six_frame_features, face_video, monkeypatch):
+    def broken_compile(model, **options):
+        def fail(images):
+            raise RuntimeError("no C++ compiler found\nlong traceback")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    extractor = VisualExtractor(VisualConfig(num_frames=6, random_face_weights=True, seed=0, compile=True))
+    features = extractor.extract(face_video)
+    assert extractor.compile_fallback == "RuntimeError: no C++ compiler found"
+    np.testing.assert_array_equal(features.frames, six_frame_features.frames)  # the eager network's features
+
+
 def test_video_without_a_face_raises_no_face_error(six_frames, media):
     path = write_video(media / "empty_room.mp4", FPS, faces=lambda i, count: [])
     with pytest.raises(NoFaceError, match=re.escape(str(path))):

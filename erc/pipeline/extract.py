@@ -83,6 +83,7 @@ class ExtractConfig:
     num_frames: int = 20
     precision: str = "fp32"
     text_precision: str = "fp32"
+    compile: bool = False
     seed: int = 0
     device: str = "cpu"
     workers: int = 1
@@ -159,7 +160,8 @@ class ExtractConfig:
             text_context=self.text_context, text_pooling=self.text_pooling,
             face_weights=str(self.face_weights) if self.face_weights else None,
             random_face_weights=self.random_face_weights, faces=self.faces, num_frames=self.num_frames,
-            precision=self.precision, text_precision=self.text_precision, seed=self.seed, device=device, threads=threads,
+            precision=self.precision, text_precision=self.text_precision, compile=self.compile, seed=self.seed,
+            device=device, threads=threads,
             detect_max_side=self.detect_max_side, crop_batch=self.crop_batch, text_revision=text_weights.get("revision"),
             text_weights_sha256=tuple(sorted((text_weights.get("sha256") or {}).items())),
         )
@@ -179,7 +181,7 @@ class ExtractConfig:
                      "pooling": self.text_pooling, "precision": self.text_precision},
             "audio": {"feature_set": "ComParE_2016", "level": "functionals", "sample_rate": 16000},
             "visual": {"faces": self.faces, "num_frames": self.num_frames, "precision": self.precision, "seed": self.seed,
-                       "detect_max_side": self.detect_max_side},
+                       "detect_max_side": self.detect_max_side, "compile": self.compile},
             "limit": self.limit,
             "shards": {"dialogues": self.dialogues_per_shard} if self.dialogues_per_shard else {"utterances": self.shard_utterances},
             "weights": weights,
@@ -228,6 +230,7 @@ class WorkerSettings:
     device: str
     threads: int
     text_precision: str = "fp32"
+    compile: bool = False
     detect_max_side: int | None = 640
     crop_batch: int | None = None
     text_revision: str | None = None  # a hub text model's snapshot commit, resolved once by the client
@@ -336,7 +339,8 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
                 VisualConfig(num_frames=settings.num_frames, faces=settings.faces, face_weights=settings.face_weights,
                              random_face_weights=settings.random_face_weights, seed=settings.seed,
                              device=device, precision=settings.precision,
-                             detect_max_side=settings.detect_max_side, crop_batch=settings.crop_batch)
+                             detect_max_side=settings.detect_max_side, crop_batch=settings.crop_batch,
+                             compile=settings.compile)
             )
         built = {modality: OneCallAtATime(extractor) for modality, extractor in built.items()}
         _EXTRACTORS[settings] = built
@@ -369,6 +373,7 @@ class ShardPayload:
     loaded_models: bool
     torch_threads: int = 1
     seconds: dict[str, float] = field(default_factory=dict)  # per modality, on the worker
+    compile_fallback: str | None = None  # why the worker's compiled ResNet runs eagerly
 
 
 def _worker_name() -> str:
@@ -531,8 +536,10 @@ def extract_dialogues(
     dims = {m: extractors[m].dim for m in settings.modalities}
     import torch
 
+    visual = extractors.get("visual")
     return ShardPayload(records, failures, dims, worker=_worker_name(), loaded_models=loaded,
-                        torch_threads=torch.get_num_threads(), seconds=dict(seconds))
+                        torch_threads=torch.get_num_threads(), seconds=dict(seconds),
+                        compile_fallback=visual.compile_fallback if visual is not None else None)
 
 
 @dataclass
@@ -561,6 +568,7 @@ class ShardDone:
     loaded_models: bool
     torch_threads: int = 1
     seconds: dict[str, float] = field(default_factory=dict)  # per modality, on the worker
+    compile_fallback: str | None = None
 
 
 def extract_shard(task: ShardTask) -> ShardDone:
@@ -569,7 +577,7 @@ def extract_shard(task: ShardTask) -> ShardDone:
     write_shard(Path(task.path), payload.records, attrs=task.attrs, dims=payload.dims, num_frames=task.num_frames,
                 failures=payload.failures)
     return ShardDone(task.name, len(payload.records), payload.failures, payload.worker, payload.loaded_models,
-                     payload.torch_threads, payload.seconds)
+                     payload.torch_threads, payload.seconds, payload.compile_fallback)
 
 
 def probe_item(dialogue: Dialogue, utterance_index: int | None, modality: str, settings: WorkerSettings) -> None:
@@ -822,6 +830,7 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
     }
     model_loads: dict[str, int] = {}
     torch_threads: dict[str, int] = {}
+    compile_fallbacks: dict[str, str] = {}
     stage_seconds: Counter[str] = Counter()  # worker seconds per modality, summed over this run's shards
     failed_items = {f["item"] for name in plan if name not in todo for f in summarize_shard(shards_dir / name).failures}
     max_failures = config.max_failures if config.max_failures is not None else max(1, total // 10)
@@ -887,6 +896,8 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
                     )
                 model_loads[result.worker] = model_loads.get(result.worker, 0) + int(result.loaded_models)
                 torch_threads[result.worker] = result.torch_threads
+                if result.compile_fallback:
+                    compile_fallbacks[result.worker] = result.compile_fallback
                 stage_seconds.update(result.seconds)
                 done += result.utterances
                 failed_items |= {f["item"] for f in result.failures}
@@ -905,14 +916,15 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
     if stopped is not None:
         # the report and index are written only now, so a shard a worker finished after the stop is counted
         _write_report(config.out, model_loads, time.perf_counter() - started, stopped=stopped,
-                      torch_threads=torch_threads, stage_seconds=stage_seconds)
+                      torch_threads=torch_threads, stage_seconds=stage_seconds, compile_fallbacks=compile_fallbacks)
         raise ExtractionError(
             f"{len(failed_items)} utterances failed, more than --max-failures {max_failures}; "
             f"see {config.out / 'report.json'} (the shard set is marked incomplete; finished shards are "
             "kept: fix the input and re-run to resume)"
         )
     failures, complete = _write_report(config.out, model_loads, time.perf_counter() - started,
-                                       torch_threads=torch_threads, stage_seconds=stage_seconds)
+                                       torch_threads=torch_threads, stage_seconds=stage_seconds,
+                                       compile_fallbacks=compile_fallbacks)
     return ExtractResult(
         out=config.out, shards_written=len(todo), shards_skipped=len(plan) - len(todo), utterances=total,
         failures=failures, seconds=time.perf_counter() - started, model_loads=model_loads, complete=complete,
@@ -921,7 +933,8 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
 
 def _write_report(out: Path, model_loads: dict[str, int], seconds: float, stopped: str | None = None,
                   torch_threads: dict[str, int] | None = None,
-                  stage_seconds: Mapping[str, float] | None = None) -> tuple[list[dict[str, str]], bool]:
+                  stage_seconds: Mapping[str, float] | None = None,
+                  compile_fallbacks: Mapping[str, str] | None = None) -> tuple[list[dict[str, str]], bool]:
     """Rebuild the index from the shards on disk (complete only if every planned shard is there) and
     write the run report: failures of all shards (with tracebacks of unforeseen exceptions)."""
     index = build_index(out)
@@ -937,7 +950,8 @@ def _write_report(out: Path, model_loads: dict[str, int], seconds: float, stoppe
         "shards_on_disk": len(index["shards"]),
         "last_run": {"seconds": round(seconds, 2), "model_loads_per_worker": model_loads,
                      "torch_threads_per_worker": torch_threads or {},
-                     "worker_seconds_per_modality": {m: round(v, 2) for m, v in (stage_seconds or {}).items()}},
+                     "worker_seconds_per_modality": {m: round(v, 2) for m, v in (stage_seconds or {}).items()},
+                     "compile_fallback_per_worker": dict(compile_fallbacks or {})},
     })
     return failures, index["complete"]
 

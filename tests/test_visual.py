@@ -244,32 +244,45 @@ def test_bf16_is_close_to_fp32(six_frame_features, face_video):
     assert all(cosine(a, b) >= 0.999 for a, b, m in zip(bf16.frames, fp32.frames, fp32.frame_mask) if m)
 
 
-def test_compiled_resnet_gives_the_eager_features(six_frame_features, face_video):
-    """torch.compile (bf16, frozen, fused): the same faces, every frame within cosine 0.999 of the eager
-    fp32 features, and a second utterance with another number of crops reuses the compiled graph."""
+def test_compiled_networks_give_the_eager_boxes_and_features(six_frames, six_frame_features, face_video):
+    """torch.compile of MTCNN and the ResNet (bf16, frozen, fused): the same face boxes, every frame
+    within cosine 0.999 of the eager fp32 features, and another number of crops reuses the graph."""
     compiled = VisualExtractor(VisualConfig(num_frames=6, random_face_weights=True, seed=0, precision="bf16",
                                             compile=True))
     features = compiled.extract(face_video)
     assert compiled.compile_fallback is None, compiled.compile_fallback  # it compiled and ran
+    assert type(compiled.mtcnn.pnet).__name__ == "OptimizedModule"
+    frames, _ = read_frames(face_video, None, None, 6)
+    for boxes, eager_boxes in zip(compiled.detect_faces(frames), six_frames.detect_faces(frames), strict=True):
+        np.testing.assert_array_equal(boxes, eager_boxes)
     fp32 = six_frame_features
     np.testing.assert_array_equal(features.frame_mask, fp32.frame_mask)
     cosine = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
     assert all(cosine(a, b) >= 0.999 for a, b, m in zip(features.frames, fp32.frames, fp32.frame_mask) if m)
-    crops = compiled.find_faces(face_video).crops
-    again = compiled.embed_faces(crops[:3])  # dynamic batch: no new compilation needed to run this
+    again = compiled.embed_faces(compiled.find_faces(face_video).crops[:3])  # dynamic batch
     assert again.shape == (3, 1000) and compiled.compile_fallback is None
+    with pytest.raises(ZeroDivisionError):  # an input that fails eagerly too is not a compilation failure
+        compiled._compiled_or_eager(lambda: 1 / 0)
+    assert compiled.compile_fallback is None and type(compiled.mtcnn.pnet).__name__ == "OptimizedModule"
 
 
-def test_resnet_that_cannot_compile_runs_eagerly_and_says_why(six_frame_features, face_video, monkeypatch):
-    def broken_compile(model, **options):
-        def fail(images):
+def test_networks_that_cannot_compile_run_eagerly_and_say_why(six_frame_features, face_video, monkeypatch):
+    class Uncompilable(torch.nn.Module):  # what torch.compile returns, failing on its first call
+        def __init__(self, model):
+            super().__init__()
+            self.model = model  # its parameters, as an OptimizedModule has (MTCNN reads their dtype)
+
+        def forward(self, *inputs):
             raise RuntimeError("no C++ compiler found\nlong traceback")
-        return fail
+
+    def broken_compile(model, **options):
+        return Uncompilable(model)
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     extractor = VisualExtractor(VisualConfig(num_frames=6, random_face_weights=True, seed=0, compile=True))
     features = extractor.extract(face_video)
     assert extractor.compile_fallback == "RuntimeError: no C++ compiler found"
+    assert not isinstance(extractor.mtcnn.pnet, Uncompilable)  # the eager networks are back in place
     np.testing.assert_array_equal(features.frames, six_frame_features.frames)  # the eager network's features
 
 

@@ -1,6 +1,6 @@
 """Extraction throughput: where one utterance's time goes, and utterances/second of whole runs.
 
-    python benchmarks/bench_extract.py [--copies N] [--skip-runs]
+    python benchmarks/bench_extract.py [--copies N] [--skip-runs] [--compile-only]
 
 Builds the `erc demo` corpus (real face video, real audio, the real MiniLM text encoder, random
 face weights) with ``--copies`` copies of its dialogues, then
@@ -11,7 +11,8 @@ face weights) with ``--copies`` copies of its dialogues, then
    the text encoder on its dialogue in fp32 and bf16;
 2. extracts the whole corpus from scratch with 1 worker of 1 thread (the baseline), 2 workers of 1
    thread in fp32, and 2 workers of 1 thread with ``--precision auto --text-precision auto`` (bf16
-   where the CPU computes it natively), the same with ``--compile``, and prints utterances/second. "steady" leaves out the cluster start and model
+   where the CPU computes it natively), the same with ``--compile``, and prints utterances/second
+   (``--compile-only``: only the last two, the bf16 run without ``--compile`` as the baseline). "steady" leaves out the cluster start and model
    loading: utterances after the first finished shard over the time after it.
 
 Target (issue 10): >= 1.0 utt/s steady state on 2 cores with all modalities.
@@ -83,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=2, help="copies of the demo corpus to extract")
     parser.add_argument("--skip-runs", action="store_true", help="only the per-stage times")
+    parser.add_argument("--compile-only", action="store_true", help="whole runs: only bf16 without and with --compile")
     args = parser.parse_args()
     from erc.pipeline.evaluate import cpu_has_native_bf16
     from erc.pipeline.synthetic import make_demo_corpus
@@ -105,8 +107,8 @@ def main() -> None:
         if args.skip_runs:
             return
         rows = []
-        for workers, threads, precision, compile in ((1, 1, "fp32", False), (2, 1, "fp32", False),
-                                                     (2, 1, "auto", False), (2, 1, "auto", True)):
+        runs = ((1, 1, "fp32", False), (2, 1, "fp32", False), (2, 1, "auto", False), (2, 1, "auto", True))
+        for workers, threads, precision, compile in runs[2:] if args.compile_only else runs:
             out = Path(tmp) / f"out{workers}x{threads}{precision}{compile}"
             finished: list[float] = []
             config = ExtractConfig(dataset="manifest", root=manifest.parent, manifest=manifest, out=out,

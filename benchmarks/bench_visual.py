@@ -96,6 +96,9 @@ def main() -> None:
             "MultiEMO (every frame)": MultiEmoBaseline().extract,
             "erc fp32": VisualExtractor(VisualConfig(random_face_weights=True)).extract,
             "erc bf16": VisualExtractor(VisualConfig(random_face_weights=True, precision="bf16")).extract,
+            "erc fp32 --compile": VisualExtractor(VisualConfig(random_face_weights=True, compile=True)).extract,
+            "erc bf16 --compile": VisualExtractor(VisualConfig(random_face_weights=True, precision="bf16",
+                                                               compile=True)).extract,
         }
         print(f"{'clip':<14} {'method':<24} {'seconds':>8} {'speed-up':>9} {'CPU s':>7}")
         for clip_name, clip in clips.items():

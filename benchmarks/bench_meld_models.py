@@ -110,6 +110,14 @@ def run_spec(features: Path, spec: str, seeds: int, work: Path, epochs: int | No
     return runs
 
 
+def print_and_write(lines: list[str], path: Path) -> None:
+    """Print a results page and write it to ``path``."""
+    print("\n".join(lines))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -178,10 +186,7 @@ def main() -> None:
           f"| {r['epochs']} | {r['minutes']:.1f} | {'yes' if r['beats_floor'] else '**no**'} | {r['vs_ce']} |" for r in rows),
         "", f"Extraction in this invocation: {extract_seconds:.0f} s (0 when the cached shard set was complete).",
     ]
-    print("\n".join(lines))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS}")
+    print_and_write(lines, RESULTS)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_meld_models import extract_features, logistic_regression  # noqa: E402
+from bench_meld_models import extract_features, logistic_regression, print_and_write  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xlstm_meld_variants.md"
 VARIANTS = "|".join([
@@ -99,10 +99,7 @@ def main() -> None:
           f"| {statistics.fmean(r['tests']):.2f} | {statistics.fmean(r['tests']) - baseline:+.2f} "
           f"| {', '.join(map(str, r['epochs']))} | {r['minutes']:.1f} |" for r in rows),
     ]
-    print("\n".join(lines))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS}")
+    print_and_write(lines, RESULTS)
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ class ShardPayload:
     loaded_models: bool
     torch_threads: int = 1
     seconds: dict[str, float] = field(default_factory=dict)  # per modality, on the worker
-    compile_fallback: str | None = None  # why the worker's compiled ResNet runs eagerly
+    compile_fallback: str | None = None  # why the worker's compiled face networks were given up for the eager ones
 
 
 def _worker_name() -> str:

@@ -1,9 +1,11 @@
 """Extraction throughput: where one utterance's time goes, and utterances/second of whole runs.
 
-    python benchmarks/bench_extract.py [--copies N] [--skip-runs] [--compile-only]
+    python benchmarks/bench_extract.py [--copies N] [--skip-runs] [--compile-only] [--size 640x360]
+        [--read-ahead N]
 
 Builds the `erc demo` corpus (real face video, real audio, the real MiniLM text encoder, random
-face weights) with ``--copies`` copies of its dialogues, then
+face weights; 320×180 video unless ``--size`` says otherwise, e.g. MELD-like 640×360) with
+``--copies`` copies of its dialogues, then
 
 1. times each stage of one utterance through the library API (median of 3 after a warm-up):
    decoding 20 frames, MTCNN on them, ResNet-101 on the face crops in fp32, bf16 and bf16 compiled
@@ -85,12 +87,15 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=2, help="copies of the demo corpus to extract")
     parser.add_argument("--skip-runs", action="store_true", help="only the per-stage times")
     parser.add_argument("--compile-only", action="store_true", help="whole runs: only bf16 without and with --compile")
+    parser.add_argument("--size", default="320x180", help="video frame size WIDTHxHEIGHT (even numbers)")
+    parser.add_argument("--read-ahead", type=int, default=2, help="erc extract --read-ahead of the whole runs")
     args = parser.parse_args()
+    size = tuple(int(side) for side in args.size.lower().split("x"))
     from erc.pipeline.evaluate import cpu_has_native_bf16
     from erc.pipeline.synthetic import make_demo_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = make_demo_corpus(Path(tmp) / "corpus")
+        manifest = make_demo_corpus(Path(tmp) / "corpus", size=size)
         if args.copies > 1:  # the same media, more dialogues: enough tasks to keep two workers busy
             with manifest.open(newline="") as f:
                 reader = csv.DictReader(f)
@@ -100,7 +105,8 @@ def main() -> None:
                 writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(rows + copies)
-        print(f"torch {torch.__version__}; native bf16 on this CPU: {cpu_has_native_bf16()}\n")
+        print(f"torch {torch.__version__}; native bf16 on this CPU: {cpu_has_native_bf16()}; "
+              f"video {size[0]}×{size[1]}; --read-ahead {args.read_ahead}\n")
         print("| stage (one utterance, 1 thread) | seconds |\n|---|---|")
         for name, seconds in stage_times(manifest, threads=1):
             print(f"| {name} | {seconds:.3f} |", flush=True)
@@ -114,7 +120,7 @@ def main() -> None:
             config = ExtractConfig(dataset="manifest", root=manifest.parent, manifest=manifest, out=out,
                                    text_model=str(bundled_text_encoder()), random_face_weights=True, workers=workers,
                                    threads_per_worker=threads, dialogues_per_shard=1, precision=precision,
-                                   text_precision=precision, compile=compile)
+                                   text_precision=precision, compile=compile, read_ahead=args.read_ahead)
             started = time.perf_counter()
             result = extract(config, progress=lambda done, total: finished.append((time.perf_counter() - started, done)))
             first_seconds, first_done = finished[0]

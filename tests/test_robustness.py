@@ -214,6 +214,39 @@ def test_mixed_corpus_every_broken_item_reported_every_valid_item_whole(mixed_co
     assert seen == set(failing)
 
 
+def test_reading_ahead_gives_the_same_features_and_failures_as_reading_in_line(mixed_corpus, tmp_path):
+    """MediaReader decodes frames and runs openSMILE in a background thread, items ahead of the
+    networks: every vector and every failure (item, modality, message, order) equals reading each
+    item when it is needed, over the mixed corpus's broken and awkward media."""
+    import dataclasses
+
+    from erc.pipeline.corpus import load_corpus
+    from erc.pipeline.extract import extract_dialogues
+
+    manifest = mixed_corpus[0]
+    corpus = load_corpus("manifest", manifest.parent, manifest=manifest)
+    config = ExtractConfig(dataset="manifest", root=manifest.parent, out=tmp_path / "unused", manifest=manifest,
+                           modalities=("audio", "visual"), random_face_weights=True, num_frames=FRAMES)
+    settings = config.worker_settings("cpu", 1)
+    in_line = extract_dialogues(corpus.dialogues, corpus.label_names, dataclasses.replace(settings, read_ahead=0))
+    ahead = extract_dialogues(corpus.dialogues, corpus.label_names, dataclasses.replace(settings, read_ahead=3))
+    assert [f["item"] for f in ahead.failures] == [f["item"] for f in in_line.failures]
+    for got, expected in zip(ahead.failures, in_line.failures):
+        assert (got["modality"], got["type"], got["error"]) == (expected["modality"], expected["type"], expected["error"])
+    assert len(in_line.failures) >= 10 and {f["modality"] for f in in_line.failures} == {"audio", "visual"}
+    assert [r.utterance_id for r in ahead.records] == [r.utterance_id for r in in_line.records]
+    for got, expected in zip(ahead.records, in_line.records):
+        assert got.features.keys() == expected.features.keys(), got.utterance_id
+        for modality, vector in expected.features.items():
+            if vector is None:
+                assert got.features[modality] is None, (got.utterance_id, modality)
+            else:
+                np.testing.assert_array_equal(got.features[modality], vector, err_msg=f"{got.utterance_id} {modality}")
+        if expected.visual_frames is not None:
+            np.testing.assert_array_equal(got.visual_frames, expected.visual_frames)
+    assert sum(r.features.get("visual") is not None for r in in_line.records) >= 5
+
+
 def test_strict_stops_at_the_first_unforeseen_exception(mixed_corpus, tiny_text_encoder, tmp_path):
     manifest = mixed_corpus[0]
     rows = [r for r in csv.DictReader(manifest.open(encoding="utf-8")) if r["dialogue_id"] == "broken"]

@@ -244,7 +244,11 @@ class VisualExtractor:
     def find_faces(self, video: Path, start: float | None = None, end: float | None = None) -> FaceCrops:
         """Decode the sampled frames and crop their faces (the first half of ``extract``; the crops
         of several utterances can then share one ``embed_faces`` call)."""
-        frames, _ = read_frames(video, start, end, self.config.num_frames)
+        return self.crop_faces(read_frames(video, start, end, self.config.num_frames)[0], video, start, end)
+
+    def crop_faces(self, frames: np.ndarray, video: Path, start: float | None = None, end: float | None = None) -> FaceCrops:
+        """MTCNN on the sampled ``frames`` (decoded by ``read_frames``, possibly in another thread)
+        and their face crops; ``video``, ``start`` and ``end`` name the item in errors."""
         boxes = self.detect_faces(frames)
         faces_per_frame = np.array([len(b) for b in boxes], dtype=np.int32)
         if faces_per_frame.sum() == 0:

@@ -34,6 +34,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ class ExtractConfig:
     labels: tuple[str, ...] | None = None  # manifest: the class vocabulary, in this order (--labels)
     detect_max_side: int | None = 640  # MTCNN sees frames shrunk to this longest side (None: full size)
     crop_batch: int | None = None  # face crops per ResNet call across utterances (None: 256 on CUDA, one utterance on CPU)
+    read_ahead: int = 2  # media items each worker reads (decode, openSMILE) ahead of its networks; 0: in line
     strict: bool = False  # stop at the first unforeseen exception instead of recording it
     scheduler_timeout: float = 60.0  # seconds to reach --scheduler and for its first worker
 
@@ -115,6 +117,8 @@ class ExtractConfig:
             raise ConfigError(f"--detect-max-side must be at least 64 pixels, got {self.detect_max_side}")
         if self.crop_batch is not None and self.crop_batch < 1:
             raise ConfigError(f"--crop-batch must be at least 1, got {self.crop_batch}")
+        if self.read_ahead < 0:
+            raise ConfigError(f"--read-ahead must be 0 or more, got {self.read_ahead}")
         if self.shard_utterances < 1 or (self.dialogues_per_shard is not None and self.dialogues_per_shard < 1):
             raise ConfigError("--shard-utterances and --dialogues-per-shard must be at least 1")
         if not self.scheduler_timeout > 0:
@@ -164,6 +168,7 @@ class ExtractConfig:
             device=device, threads=threads,
             detect_max_side=self.detect_max_side, crop_batch=self.crop_batch, text_revision=text_weights.get("revision"),
             text_weights_sha256=tuple(sorted((text_weights.get("sha256") or {}).items())),
+            read_ahead=self.read_ahead,
         )
 
     def feature_config(self, weights: dict[str, Any]) -> dict[str, Any]:
@@ -235,6 +240,7 @@ class WorkerSettings:
     crop_batch: int | None = None
     text_revision: str | None = None  # a hub text model's snapshot commit, resolved once by the client
     text_weights_sha256: tuple[tuple[str, str], ...] = ()  # the client's (file, sha256) of the text weights
+    read_ahead: int = 2  # media items a worker decodes / runs openSMILE on ahead of its networks (MediaReader)
 
 
 _EXTRACTORS: dict[WorkerSettings, dict[str, Any]] = {}
@@ -414,6 +420,43 @@ def _media_source(u: Utterance, modality: str) -> tuple[Path, float | None, floa
     return (Path(u.video), u.start, u.end) if u.video is not None else None
 
 
+class MediaReader:
+    """Reads the media of the utterances ahead of the networks, in one background thread.
+
+    The sampled video frames (decoding) and the openSMILE functionals need no network, so while the
+    worker's networks handle one utterance, this thread prepares up to ``ahead`` of the next
+    (utterance, modality) items, in the order they will be asked for. On a GPU the networks are fast
+    enough that reading in line would leave the GPU waiting; on a CPU it costs nothing measurable.
+    ``ahead=0`` reads each item when it is asked for. An item's exception is raised by ``get`` for
+    that item, so failures stay with their items.
+    """
+
+    def __init__(self, items: list[tuple[tuple[str, str], Callable[[], Any]]], ahead: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._items, self._ahead = items, ahead
+        self._position = {key: i for i, (key, _) in enumerate(items)}
+        self._pending: dict[tuple[str, str], Any] = {}
+        self._submitted = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="erc-media") if ahead > 0 and items else None
+
+    def get(self, key: tuple[str, str]) -> Any:
+        """The result of item ``key`` (utterance id, modality), reading ahead from there."""
+        if self._pool is None:
+            return self._items[self._position[key]][1]()
+        last = min(self._position[key] + self._ahead, len(self._items) - 1)
+        while self._submitted <= last:
+            queued_key, read = self._items[self._submitted]
+            self._pending[queued_key] = self._pool.submit(read)
+            self._submitted += 1
+        return self._pending.pop(key).result()
+
+    def close(self) -> None:
+        """Stop reading ahead (items not yet started are dropped); waits for the item being read."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def extract_dialogues(
     dialogues: list[Dialogue],
     label_names: list[str],
@@ -490,49 +533,59 @@ def extract_dialogues(
             attempt(record.utterance_id, "visual", source, lambda: finish(record, faces, own()))
         waiting.clear()
 
-    for dialogue in dialogues:
-        utterances = dialogue.utterances
-        texts = None
-        if "text" in extractors:
-            text = extractors["text"]
+    reads = [
+        ((u.utterance_id, m), partial(_read_media, extractors, m, media))
+        for dialogue in dialogues for u in dialogue.utterances for m in ("audio", "visual")
+        if m in extractors and (u.utterance_id, m) not in skip and (media := _media_source(u, m)) is not None
+    ]
+    reader = MediaReader(reads, settings.read_ahead)
+    try:
+        for dialogue in dialogues:
+            utterances = dialogue.utterances
+            texts = None
+            if "text" in extractors:
+                text = extractors["text"]
 
-            def encode_dialogue() -> list[np.ndarray]:
-                vectors = text.extract_dialogue([u.speaker for u in utterances], [u.text for u in utterances])
-                if len(vectors) != len(utterances):
-                    raise ValueError(f"the text encoder gave {len(vectors)} vectors for {len(utterances)} utterances")
-                return [_check_vector(v, text.dim, "text") for v in vectors]
+                def encode_dialogue() -> list[np.ndarray]:
+                    vectors = text.extract_dialogue([u.speaker for u in utterances], [u.text for u in utterances])
+                    if len(vectors) != len(utterances):
+                        raise ValueError(f"the text encoder gave {len(vectors)} vectors for {len(utterances)} utterances")
+                    return [_check_vector(v, text.dim, "text") for v in vectors]
 
-            skipped = [u for u in utterances if (u.utterance_id, "text") in skip]
-            if skipped:  # the dialogue's text crashed a worker: every utterance of it fails for text
-                failures.extend(dict(skip[u.utterance_id, "text"]) for u in skipped)
-            else:
-                mark = len(failures)
-                texts = attempt(utterances[0].utterance_id, "text", f"dialogue {dialogue.dialogue_id}", encode_dialogue)
-                if texts is None and len(failures) > mark:  # one failure per utterance, all with the same cause
-                    cause = failures.pop()
-                    failures.extend({**cause, "item": u.utterance_id} for u in utterances)
-        for i, u in enumerate(utterances):
-            record = UtteranceRecord(
-                utterance_id=u.utterance_id, dialogue_id=u.dialogue_id, utterance_index=u.index, split=u.split,
-                speaker=u.speaker, speaker_index=u.speaker_index, text=u.text,
-                label=label_index[u.label] if u.label is not None else -1,
-            )
-            if texts is not None:
-                record.features["text"] = texts[i]
-            if "audio" in extractors and (media := _media_source(u, "audio")) is not None:
-                audio = extractors["audio"]
-                record.features["audio"] = attempt(
-                    u.utterance_id, "audio", media[0],
-                    lambda: _check_vector(audio.extract(*media), audio.dim, "audio"),
+                skipped = [u for u in utterances if (u.utterance_id, "text") in skip]
+                if skipped:  # the dialogue's text crashed a worker: every utterance of it fails for text
+                    failures.extend(dict(skip[u.utterance_id, "text"]) for u in skipped)
+                else:
+                    mark = len(failures)
+                    texts = attempt(utterances[0].utterance_id, "text", f"dialogue {dialogue.dialogue_id}", encode_dialogue)
+                    if texts is None and len(failures) > mark:  # one failure per utterance, all with the same cause
+                        cause = failures.pop()
+                        failures.extend({**cause, "item": u.utterance_id} for u in utterances)
+            for i, u in enumerate(utterances):
+                record = UtteranceRecord(
+                    utterance_id=u.utterance_id, dialogue_id=u.dialogue_id, utterance_index=u.index, split=u.split,
+                    speaker=u.speaker, speaker_index=u.speaker_index, text=u.text,
+                    label=label_index[u.label] if u.label is not None else -1,
                 )
-            if "visual" in extractors and (media := _media_source(u, "visual")) is not None:
-                faces = attempt(u.utterance_id, "visual", media[0], lambda: extractors["visual"].find_faces(*media))
-                if faces is not None:
-                    waiting.append((record, media[0], faces))
-                    if sum(len(f.crops) for _, _, f in waiting) >= extractors["visual"].config.crops_per_call:
-                        embed_waiting()
-            records.append(record)
-    embed_waiting()
+                if texts is not None:
+                    record.features["text"] = texts[i]
+                if "audio" in extractors and (media := _media_source(u, "audio")) is not None:
+                    record.features["audio"] = attempt(
+                        u.utterance_id, "audio", media[0], lambda: reader.get((u.utterance_id, "audio"))
+                    )
+                if "visual" in extractors and (media := _media_source(u, "visual")) is not None:
+                    faces = attempt(
+                        u.utterance_id, "visual", media[0],
+                        lambda: extractors["visual"].crop_faces(reader.get((u.utterance_id, "visual")), *media),
+                    )
+                    if faces is not None:
+                        waiting.append((record, media[0], faces))
+                        if sum(len(f.crops) for _, _, f in waiting) >= extractors["visual"].config.crops_per_call:
+                            embed_waiting()
+                records.append(record)
+        embed_waiting()
+    finally:
+        reader.close()
     dims = {m: extractors[m].dim for m in settings.modalities}
     import torch
 
@@ -540,6 +593,16 @@ def extract_dialogues(
     return ShardPayload(records, failures, dims, worker=_worker_name(), loaded_models=loaded,
                         torch_threads=torch.get_num_threads(), seconds=dict(seconds),
                         compile_fallback=visual.compile_fallback if visual is not None else None)
+
+
+def _read_media(extractors: Mapping[str, Any], modality: str, media: tuple[Path, float | None, float | None]) -> Any:
+    """What ``MediaReader`` prepares for an item: the audio's checked openSMILE vector, or the
+    video's sampled frames."""
+    if modality == "audio":
+        return _check_vector(extractors["audio"].extract(*media), extractors["audio"].dim, "audio")
+    from erc.features.video import read_frames
+
+    return read_frames(*media, extractors["visual"].config.num_frames)[0]
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Extraction throughput: where one utterance's time goes, and utterances/second of whole runs.
 
     python benchmarks/bench_extract.py [--copies N] [--skip-runs] [--compile-only] [--size 640x360]
-        [--read-ahead N]
+        [--read-ahead N] [--detect-max-side N]
 
 Builds the `erc demo` corpus (real face video, real audio, the real MiniLM text encoder, random
 face weights; 320×180 video unless ``--size`` says otherwise, e.g. MELD-like 640×360) with
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--compile-only", action="store_true", help="whole runs: only bf16 without and with --compile")
     parser.add_argument("--size", default="320x180", help="video frame size WIDTHxHEIGHT (even numbers)")
     parser.add_argument("--read-ahead", type=int, default=2, help="erc extract --read-ahead of the whole runs")
+    parser.add_argument("--detect-max-side", type=int, default=640, help="erc extract --detect-max-side of the whole runs")
     args = parser.parse_args()
     size = tuple(int(side) for side in args.size.lower().split("x"))
     from erc.pipeline.evaluate import cpu_has_native_bf16
@@ -106,7 +107,7 @@ def main() -> None:
                 writer.writeheader()
                 writer.writerows(rows + copies)
         print(f"torch {torch.__version__}; native bf16 on this CPU: {cpu_has_native_bf16()}; "
-              f"video {size[0]}×{size[1]}; --read-ahead {args.read_ahead}\n")
+              f"video {size[0]}×{size[1]}; --read-ahead {args.read_ahead}; --detect-max-side {args.detect_max_side}\n")
         print("| stage (one utterance, 1 thread) | seconds |\n|---|---|")
         for name, seconds in stage_times(manifest, threads=1):
             print(f"| {name} | {seconds:.3f} |", flush=True)
@@ -120,18 +121,19 @@ def main() -> None:
             config = ExtractConfig(dataset="manifest", root=manifest.parent, manifest=manifest, out=out,
                                    text_model=str(bundled_text_encoder()), random_face_weights=True, workers=workers,
                                    threads_per_worker=threads, dialogues_per_shard=1, precision=precision,
-                                   text_precision=precision, compile=compile, read_ahead=args.read_ahead)
+                                   text_precision=precision, compile=compile, read_ahead=args.read_ahead,
+                                   detect_max_side=args.detect_max_side)
             started = time.perf_counter()
             result = extract(config, progress=lambda done, total: finished.append((time.perf_counter() - started, done)))
             first_seconds, first_done = finished[0]
             steady = (result.utterances - first_done) / (result.seconds - first_seconds)
             label = config.precision + (", --compile" if compile else "")
             rows.append((workers, threads, label, result.utterances, result.seconds,
-                         result.utterances_per_second, steady))
+                         result.utterances_per_second, steady, len(result.failures)))
         base = rows[0][5]
-        print(f"\n| workers × threads | precision | utterances | seconds | utt/s | steady utt/s | speed-up |\n|---|---|---|---|---|---|---|")
-        for workers, threads, precision, n, seconds, rate, steady in rows:
-            print(f"| {workers} × {threads} | {precision} | {n} | {seconds:.1f} | {rate:.2f} | {steady:.2f} | {rate / base:.2f}× |")
+        print(f"\n| workers × threads | precision | utterances | seconds | utt/s | steady utt/s | speed-up | failed items |\n|---|---|---|---|---|---|---|---|")
+        for workers, threads, precision, n, seconds, rate, steady, failed in rows:
+            print(f"| {workers} × {threads} | {precision} | {n} | {seconds:.1f} | {rate:.2f} | {steady:.2f} | {rate / base:.2f}× | {failed} |")
         print("\ntarget: >= 1.0 utt/s steady state on 2 cores, all modalities")
 
 

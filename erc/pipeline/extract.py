@@ -6,7 +6,9 @@ sees the corpus, weights and output paths, and submits one task per shard that i
 largest first. Each worker extracts its shard's dialogues and writes the shard itself (fsync + atomic
 rename into ``OUT/shards``, which must be on storage the client and the workers share), then
 returns a small summary; the client releases each future as it finishes. Workers keep their models
-loaded between tasks (one load per worker process).
+loaded between tasks (one load per worker process). Within a task, a ``MediaReader`` thread decodes
+the sampled frames and computes the openSMILE vectors of the next utterances while the networks work
+(``read_ahead``).
 
 Failures are per utterance and modality: ANY exception while extracting one modality of one
 utterance (a foreseen :class:`MediaError`: missing or corrupt media, no audio track, no face; or

@@ -343,3 +343,26 @@ def test_plan_shards_balances_whole_dialogues_by_size():
     assert max(len(g) for g in long_groups) <= 3 and min(len(g) for g in short_groups[:-1]) >= 3
     fixed = plan_shards(dialogues, dialogues_per_shard=8)
     assert [len(g) for g in fixed.values()] == [8] * 32 + [4]
+
+
+def _worker_environment() -> tuple[str | None, str | None]:
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")
+
+
+def test_local_workers_keep_glibcs_dynamic_mmap_threshold(tmp_path):
+    """Dask's nanny would start workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
+    dynamic mmap threshold and made the networks' visual work ~25% slower per clip (measured in
+    benchmarks/results/extract_throughput.md); erc's local cluster leaves it unset. The nanny's other
+    variables stay (torch's threads are set explicitly per worker)."""
+    from erc.pipeline.extract import _connect
+
+    config = ExtractConfig(dataset="manifest", root=tmp_path, manifest=tmp_path / "m.csv", out=tmp_path / "out",
+                           modalities=("text",), workers=1)
+    before = os.environ.get("MALLOC_TRIM_THRESHOLD_")  # the nanny writes its variables into this process too
+    client, cluster = _connect(config)
+    try:
+        environments = list(client.run(_worker_environment).values())
+    finally:
+        client.close()
+        cluster.close()
+    assert environments == [(before, "1")]

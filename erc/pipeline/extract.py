@@ -776,9 +776,13 @@ def _connect(config: ExtractConfig):
         return client, None
     # A worker process that dies fails its task at once (no blind retries), and a worker holds only the task
     # it runs (saturation 1), so the death is blamed on that task alone: the client then isolates the item.
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536; setting it turns off glibc's dynamic
+    # mmap threshold, so every large tensor the networks allocate is mapped and faulted in afresh (measured:
+    # 2.55 -> 3.30 s of visual work per 10 s clip). The workers keep glibc's default instead.
     try:
         with dask.config.set({"distributed.scheduler.allowed-failures": 0,
-                              "distributed.scheduler.worker-saturation": 1.0}):
+                              "distributed.scheduler.worker-saturation": 1.0,
+                              "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
             cluster = LocalCluster(
                 n_workers=config.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                 silence_logs=40,

@@ -218,8 +218,6 @@ def test_reading_ahead_gives_the_same_features_and_failures_as_reading_in_line(m
     """MediaReader decodes frames and runs openSMILE in a background thread, items ahead of the
     networks: every vector and every failure (item, modality, message, order) equals reading each
     item when it is needed, over the mixed corpus's broken and awkward media."""
-    import dataclasses
-
     from erc.pipeline.corpus import load_corpus
     from erc.pipeline.extract import extract_dialogues
 
@@ -228,8 +226,8 @@ def test_reading_ahead_gives_the_same_features_and_failures_as_reading_in_line(m
     config = ExtractConfig(dataset="manifest", root=manifest.parent, out=tmp_path / "unused", manifest=manifest,
                            modalities=("audio", "visual"), random_face_weights=True, num_frames=FRAMES)
     settings = config.worker_settings("cpu", 1)
-    in_line = extract_dialogues(corpus.dialogues, corpus.label_names, dataclasses.replace(settings, read_ahead=0))
-    ahead = extract_dialogues(corpus.dialogues, corpus.label_names, dataclasses.replace(settings, read_ahead=3))
+    in_line = extract_dialogues(corpus.dialogues, corpus.label_names, settings, read_ahead=0)
+    ahead = extract_dialogues(corpus.dialogues, corpus.label_names, settings, read_ahead=3)
     assert [f["item"] for f in ahead.failures] == [f["item"] for f in in_line.failures]
     for got, expected in zip(ahead.failures, in_line.failures):
         assert (got["modality"], got["type"], got["error"]) == (expected["modality"], expected["type"], expected["error"])

@@ -170,7 +170,6 @@ class ExtractConfig:
             device=device, threads=threads,
             detect_max_side=self.detect_max_side, crop_batch=self.crop_batch, text_revision=text_weights.get("revision"),
             text_weights_sha256=tuple(sorted((text_weights.get("sha256") or {}).items())),
-            read_ahead=self.read_ahead,
         )
 
     def feature_config(self, weights: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +241,6 @@ class WorkerSettings:
     crop_batch: int | None = None
     text_revision: str | None = None  # a hub text model's snapshot commit, resolved once by the client
     text_weights_sha256: tuple[tuple[str, str], ...] = ()  # the client's (file, sha256) of the text weights
-    read_ahead: int = 2  # media items a worker decodes / runs openSMILE on ahead of its networks (MediaReader)
 
 
 _EXTRACTORS: dict[WorkerSettings, dict[str, Any]] = {}
@@ -466,6 +464,7 @@ def extract_dialogues(
     *,
     strict: bool = False,
     skip: dict[tuple[str, str], dict[str, str]] | None = None,
+    read_ahead: int = 2,
 ) -> ShardPayload:
     """Compute the features of whole dialogues (runs on a worker).
 
@@ -473,6 +472,7 @@ def extract_dialogues(
     caught, masks that modality and becomes a failure record; with ``strict``, an exception that is
     not a :class:`MediaError` raises :class:`ExtractionError` instead. ``skip`` maps (utterance id,
     modality) to the failure record of an item known to crash its worker process: it is not read.
+    ``read_ahead``: media items a ``MediaReader`` prepares ahead of the networks (0: in line).
     """
     extractors, loaded = _extractors(settings)
     label_index = {name: i for i, name in enumerate(label_names)}
@@ -540,7 +540,7 @@ def extract_dialogues(
         for dialogue in dialogues for u in dialogue.utterances for m in ("audio", "visual")
         if m in extractors and (u.utterance_id, m) not in skip and (media := _media_source(u, m)) is not None
     ]
-    reader = MediaReader(reads, settings.read_ahead)
+    reader = MediaReader(reads, read_ahead)
     try:
         for dialogue in dialogues:
             utterances = dialogue.utterances
@@ -620,6 +620,7 @@ class ShardTask:
     num_frames: int
     strict: bool = False
     skip: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    read_ahead: int = 2  # media items read in a background thread ahead of the networks (MediaReader)
 
 
 @dataclass
@@ -638,7 +639,8 @@ class ShardDone:
 
 def extract_shard(task: ShardTask) -> ShardDone:
     """Extract one shard's dialogues and write the shard file (runs on a worker)."""
-    payload = extract_dialogues(task.dialogues, task.label_names, task.settings, strict=task.strict, skip=task.skip)
+    payload = extract_dialogues(task.dialogues, task.label_names, task.settings, strict=task.strict, skip=task.skip,
+                                read_ahead=task.read_ahead)
     write_shard(Path(task.path), payload.records, attrs=task.attrs, dims=payload.dims, num_frames=task.num_frames,
                 failures=payload.failures)
     return ShardDone(task.name, len(payload.records), payload.failures, payload.worker, payload.loaded_models,
@@ -924,7 +926,8 @@ def extract(config: ExtractConfig, progress: Callable[[int, int], None] | None =
             def submit(name: str) -> None:
                 task = ShardTask(name=name, path=str(shards_dir / name), dialogues=todo[name],
                                  label_names=corpus.label_names, settings=settings, attrs=attrs,
-                                 num_frames=config.num_frames, strict=config.strict, skip=skips.get(name, {}))
+                                 num_frames=config.num_frames, strict=config.strict, skip=skips.get(name, {}),
+                                 read_ahead=config.read_ahead)
                 future = client.submit(extract_shard, task, key=f"erc-shard-{name}-{expected_hash}-{attempts[name]}",
                                        pure=False, priority=size[name])
                 pending[future] = name

@@ -61,7 +61,7 @@ def extract_command(
     num_frames: Annotated[int, typer.Option(help="frames sampled per utterance (the papers use 20)")] = 20,
     modalities: Annotated[str, typer.Option(help="comma-separated subset of text,audio,visual")] = "text,audio,visual",
     label_set: LabelSetOption = "6class",
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto: the ResNet's arithmetic (auto = bf16 where the CPU or GPU computes it natively)")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto: the ResNet's arithmetic (auto = bf16 where the CPU or GPU computes it natively, else fp32; fp32 is exact)")] = "auto",
     text_precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto: the text encoder's arithmetic (bf16 autocast; auto as for --precision)")] = "fp32",
     compile: Annotated[bool, typer.Option(help="torch.compile the ResNet-101 and MTCNN (fused, frozen weights): ResNet about 2x and MTCNN 1.5x faster in bf16 on a CPU, one to two minutes once per worker; needs a C++ compiler, else runs eagerly (report.json says why)")] = False,
     workers: Annotated[int, typer.Option(help="local Dask worker processes")] = 1,

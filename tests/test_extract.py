@@ -125,6 +125,19 @@ def test_other_config_refused_without_overwrite(manifest_reference, manifest_pat
     assert plan["config"]["erc_version"] == erc.__version__ and plan["config"]["visual"]["detect_max_side"] == 640
 
 
+def test_settings_of_modalities_not_extracted_are_not_part_of_the_resume_key(manifest_path, tiny_text_encoder, tmp_path):
+    """A text-only set is reused whatever the visual settings; a text setting still counts."""
+    out = tmp_path / "text_only"
+    first = extract(_config(manifest_path, out, tiny_text_encoder, modalities=("text",)))
+    assert first.shards_written > 0
+    assert json.loads((out / "plan.json").read_text())["config"]["visual"] is None
+    again = extract(_config(manifest_path, out, tiny_text_encoder, modalities=("text",), faces="largest",
+                            precision="fp32", detect_max_side=320))
+    assert again.shards_written == 0 and again.shards_skipped == first.shards_written
+    with pytest.raises(ConfigError, match="--overwrite"):
+        extract(_config(manifest_path, out, tiny_text_encoder, modalities=("text",), text_max_length=64))
+
+
 def test_precision_auto_resolves_on_the_hardware(manifest_path, tmp_path, monkeypatch):
     from erc.pipeline import evaluate
 

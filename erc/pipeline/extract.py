@@ -183,11 +183,13 @@ class ExtractConfig:
             "labels": list(self.labels) if self.labels is not None else None,
             "modalities": list(self.modalities),
             "device": self.device,
+            # a modality's settings only where it is extracted: they change nothing else
             "text": {"model": self.text_model, "max_length": self.text_max_length, "context": self.text_context,
-                     "pooling": self.text_pooling, "precision": self.text_precision},
-            "audio": {"feature_set": "ComParE_2016", "level": "functionals", "sample_rate": 16000},
+                     "pooling": self.text_pooling, "precision": self.text_precision} if "text" in self.modalities else None,
+            "audio": {"feature_set": "ComParE_2016", "level": "functionals", "sample_rate": 16000}
+            if "audio" in self.modalities else None,
             "visual": {"faces": self.faces, "num_frames": self.num_frames, "precision": self.precision, "seed": self.seed,
-                       "detect_max_side": self.detect_max_side, "compile": self.compile},
+                       "detect_max_side": self.detect_max_side, "compile": self.compile} if "visual" in self.modalities else None,
             "limit": self.limit,
             "shards": {"dialogues": self.dialogues_per_shard} if self.dialogues_per_shard else {"utterances": self.shard_utterances},
             "weights": weights,

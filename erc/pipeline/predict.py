@@ -33,18 +33,19 @@ def recorded_extract_config(index: dict[str, Any], modalities: list[str], manife
     """An ExtractConfig for ``manifest`` with the feature settings recorded in a shard index."""
     config = index.get("config") or {}
     try:
-        text, visual = config["text"], config["visual"]
-        face = (index.get("weights") or {}).get("face") or {}
-        return ExtractConfig(
-            dataset="manifest", root=manifest.parent, out=manifest.parent, manifest=manifest,
-            label_set=config["label_set"], modalities=tuple(modalities),
-            text_model=text["model"], text_max_length=text["max_length"], text_context=text["context"],
-            text_pooling=text.get("pooling", "first"),
-            face_weights=Path(face["file"]) if face.get("file") else None,
-            random_face_weights="visual" in modalities and not face.get("file"),
-            faces=visual["faces"], num_frames=visual["num_frames"], precision=visual["precision"], seed=visual["seed"],
-            detect_max_side=visual.get("detect_max_side", 640),
-        )
+        settings: dict[str, Any] = {}
+        if "text" in modalities:
+            text = config["text"]
+            settings.update(text_model=text["model"], text_max_length=text["max_length"], text_context=text["context"],
+                            text_pooling=text.get("pooling", "first"), text_precision=text.get("precision", "fp32"))
+        if "visual" in modalities:
+            visual = config["visual"]
+            face = (index.get("weights") or {}).get("face") or {}
+            settings.update(face_weights=Path(face["file"]) if face.get("file") else None, random_face_weights=not face.get("file"),
+                            faces=visual["faces"], num_frames=visual["num_frames"], precision=visual["precision"],
+                            seed=visual["seed"], detect_max_side=visual.get("detect_max_side", 640))
+        return ExtractConfig(dataset="manifest", root=manifest.parent, out=manifest.parent, manifest=manifest,
+                             label_set=config["label_set"], modalities=tuple(modalities), **settings)
     except KeyError as missing:
         raise ConfigError(f"the run's index.json records no extractor setting {missing}") from None
 

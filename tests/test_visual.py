@@ -170,6 +170,23 @@ def test_mtcnn_finds_the_moving_face(extractor, face_video):
     assert found >= 15
 
 
+def test_channels_last_face_detector_finds_the_boxes_of_the_default_layout(six_frames, face_video):
+    """erc runs MTCNN's networks in channels_last (faster on a CPU); the boxes and probabilities must be
+    those of facenet-pytorch's MTCNN as shipped, to float rounding."""
+    from facenet_pytorch import MTCNN
+
+    conv_weights = [p for name in ("pnet", "rnet", "onet") for p in getattr(six_frames.mtcnn, name).parameters() if p.dim() == 4]
+    assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    frames, _ = read_frames(face_video, None, None, num_frames=6)
+    with torch.inference_mode():
+        ours, ours_p = six_frames.mtcnn.detect(frames)
+        shipped, shipped_p = MTCNN(keep_all=True, device="cpu").detect(frames)
+    assert sum(len(b) for b in ours) == sum(len(b) for b in shipped) >= 6
+    for a, b, pa, pb in zip(ours, shipped, ours_p, shipped_p):
+        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), atol=1e-2)
+        np.testing.assert_allclose(np.asarray(pa, float), np.asarray(pb, float), atol=1e-5)
+
+
 def test_boxes_found_on_shrunk_frames_map_back_to_full_resolution(six_frames, face_video, monkeypatch):
     frames, _ = read_frames(face_video, None, None, num_frames=6)
     assert six_frames.config.detect_max_side >= WIDTH  # the default leaves 640×360 frames as they are

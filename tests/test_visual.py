@@ -459,3 +459,62 @@ def test_crops_of_several_utterances_share_resnet_calls_with_the_same_features(m
     assert calls == [sum(alone_calls), *alone_calls] and retried_failures == [("u1", "visual")]
     for uid in ("u0", "u2", "u3"):
         np.testing.assert_array_equal(retried[uid].features["visual"], alone[uid].features["visual"])
+
+
+def test_frames_of_several_utterances_share_mtcnn_calls_with_the_same_features(media, face_video, two_faces_video, monkeypatch):
+    """``detect_batch``: the sampled frames of several utterances go through MTCNN together, one call
+    per frame size (as on a GPU by default). Features equal one utterance at a time; an utterance
+    without a face is still its own failure; and when a shared call fails, each utterance is searched
+    alone, so one bad utterance cannot take the others with it."""
+    from erc.pipeline.corpus import Dialogue, Utterance
+    from erc.pipeline.extract import WorkerSettings, extract_dialogues
+
+    empty = write_video(media / "empty_room_detect.mp4", FPS, faces=lambda i, count: [])
+    small = media / "small_face.mp4"  # another frame size: its own MTCNN call
+    writer = cv2.VideoWriter(str(small), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (320, 240))
+    for i in range(FPS):
+        frame = np.full((240, 320, 3), 95, np.uint8)
+        face = cv2.resize(FACE, None, fx=0.9, fy=0.9)
+        frame[20 : 20 + face.shape[0], 40 + i : 40 + i + face.shape[1]] = face
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    spans = [(face_video, 0.0, 1.0), (empty, 0.0, 0.9), (small, None, None), (two_faces_video, None, None), (face_video, 1.0, 3.0)]
+    utterances = [Utterance(f"u{i}", "d", i, "train", "A", 0, "", None, video=path, start=start, end=end)
+                  for i, (path, start, end) in enumerate(spans)]
+    dialogue = [Dialogue("d", "train", utterances)]
+
+    def run(detect_batch):
+        settings = WorkerSettings(modalities=("visual",), text_model="", text_max_length=8, text_context=False,
+                                  text_pooling=None, face_weights=None, random_face_weights=True, faces="all",
+                                  num_frames=6, precision="fp32", seed=0, device="cpu", threads=1, detect_batch=detect_batch)
+        payload = extract_dialogues(dialogue, [], settings)
+        return {r.utterance_id: r for r in payload.records}, [(f["item"], f["modality"]) for f in payload.failures]
+
+    calls = []
+    real_detect = VisualExtractor.detect_faces
+    monkeypatch.setattr(VisualExtractor, "detect_faces", lambda self, frames: calls.append(len(frames)) or real_detect(self, frames))
+    alone, alone_failures = run(1)
+    assert calls == [6] * 5
+    calls[:] = []
+    together, together_failures = run(1000)
+    assert sorted(calls) == [6, 24]  # four utterances of 640×360 frames in one call, the 320×240 one in another
+    assert alone_failures == together_failures == [("u1", "visual")]
+    assert "visual" not in together["u1"].features
+    for uid in ("u0", "u2", "u3", "u4"):
+        scale = float(np.abs(alone[uid].visual_frames).max())
+        np.testing.assert_allclose(together[uid].features["visual"], alone[uid].features["visual"], rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(together[uid].visual_frames, alone[uid].visual_frames, rtol=0, atol=1e-5 * scale)
+        assert np.array_equal(together[uid].visual_frame_mask, alone[uid].visual_frame_mask)
+
+    def refuse_shared_calls(self, frames):  # a shared call fails; each utterance's own frames pass
+        calls.append(len(frames))
+        if len(frames) > 6:
+            raise RuntimeError("out of memory")
+        return real_detect(self, frames)
+
+    calls[:] = []
+    monkeypatch.setattr(VisualExtractor, "detect_faces", refuse_shared_calls)
+    retried, retried_failures = run(999)
+    assert calls == [24, 6, 6, 6, 6, 6] and retried_failures == [("u1", "visual")]
+    for uid in ("u0", "u2", "u3", "u4"):
+        np.testing.assert_array_equal(retried[uid].features["visual"], alone[uid].features["visual"])

@@ -78,6 +78,7 @@ def extract_command(
     scheduler_timeout: Annotated[float, typer.Option(help="seconds to reach --scheduler and for its first worker")] = 60.0,
     detect_max_side: Annotated[int, typer.Option(help="MTCNN sees frames shrunk to this longest side (0: full size)")] = 640,
     crop_batch: Annotated[int | None, typer.Option(help="face crops per ResNet call across utterances (default: 256 on CUDA, one utterance's crops on CPU)")] = None,
+    detect_batch: Annotated[int | None, typer.Option(help="utterances whose frames share one MTCNN call (default: 8 on CUDA, one on CPU)")] = None,
     read_ahead: Annotated[int, typer.Option(help="media items (an utterance's video frames or its openSMILE features) each worker reads in a background thread ahead of its networks; 0: in line")] = 2,
 ) -> None:
     """Extract text, audio and visual features of a corpus into HDF5 shards."""
@@ -105,7 +106,7 @@ def extract_command(
                 seed=seed,
                 labels=tuple(name.strip() for name in labels.split(",")) if labels is not None else None,
                 strict=strict, scheduler_timeout=scheduler_timeout, detect_max_side=detect_max_side or None,
-                crop_batch=crop_batch, read_ahead=read_ahead,
+                crop_batch=crop_batch, detect_batch=detect_batch, read_ahead=read_ahead,
             )
             if "text" in config.modalities:
                 from erc.features.text import pooling_choice

@@ -80,6 +80,7 @@ class VisualConfig:
     precision: str = "fp32"  # "fp32" | "bf16"
     detect_max_side: int | None = 640
     crop_batch: int | None = None  # face crops per ResNet call across utterances (None: per device, see below)
+    detect_batch: int | None = None  # utterances whose frames share one MTCNN call (None: per device, see below)
     compile: bool = False  # torch.compile the ResNet and MTCNN (see the module docstring)
 
     @property
@@ -91,6 +92,15 @@ class VisualConfig:
             return self.crop_batch
         return 256 if self.device.startswith("cuda") else 1
 
+    @property
+    def utterances_per_detect_call(self) -> int:
+        """``detect_batch``, or by default 8 on a GPU (MTCNN's image pyramid is many small kernels, so
+        one utterance's 20 frames leave it idle) and 1 on a CPU, whose cores one utterance's frames
+        already fill."""
+        if self.detect_batch is not None:
+            return self.detect_batch
+        return 8 if self.device.startswith("cuda") else 1
+
     def __post_init__(self) -> None:
         if self.num_frames < 1:
             raise ConfigError(f"num_frames must be at least 1, got {self.num_frames}")
@@ -100,6 +110,8 @@ class VisualConfig:
             raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.crop_batch is not None and self.crop_batch < 1:
             raise ConfigError(f"crop_batch must be at least 1, got {self.crop_batch}")
+        if self.detect_batch is not None and self.detect_batch < 1:
+            raise ConfigError(f"detect_batch must be at least 1, got {self.detect_batch}")
         if self.detect_max_side is not None and self.detect_max_side < 64:
             raise ConfigError(f"detect_max_side must be at least 64 pixels or None, got {self.detect_max_side}")
 
@@ -248,10 +260,14 @@ class VisualExtractor:
         of several utterances can then share one ``embed_faces`` call)."""
         return self.crop_faces(read_frames(video, start, end, self.config.num_frames)[0], video, start, end)
 
-    def crop_faces(self, frames: np.ndarray, video: Path, start: float | None = None, end: float | None = None) -> FaceCrops:
+    def crop_faces(
+        self, frames: np.ndarray, video: Path, start: float | None = None, end: float | None = None,
+        boxes: list[np.ndarray] | None = None,
+    ) -> FaceCrops:
         """MTCNN on the sampled ``frames`` (decoded by ``read_frames``, possibly in another thread)
-        and their face crops; ``video``, ``start`` and ``end`` name the item in errors."""
-        boxes = self.detect_faces(frames)
+        and their face crops; ``video``, ``start`` and ``end`` name the item in errors. ``boxes``:
+        the frames' face boxes if already found (by :meth:`detect_faces_of_many`)."""
+        boxes = self.detect_faces(frames) if boxes is None else boxes
         faces_per_frame = np.array([len(b) for b in boxes], dtype=np.int32)
         if faces_per_frame.sum() == 0:
             span = f"{0 if start is None else start}-{'end' if end is None else end} s"
@@ -274,6 +290,19 @@ class VisualExtractor:
             frame_mask=frame_mask,
             faces_per_frame=faces_per_frame,
         )
+
+    def detect_faces_of_many(self, frame_sets: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """:meth:`detect_faces` of several utterances' frames, with one MTCNN call per frame size."""
+        found: list[list[np.ndarray] | None] = [None] * len(frame_sets)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, frames in enumerate(frame_sets):
+            by_size.setdefault(frames.shape[1:], []).append(i)
+        for members in by_size.values():
+            boxes = self.detect_faces(np.concatenate([frame_sets[i] for i in members]))
+            offsets = np.cumsum([0] + [len(frame_sets[i]) for i in members])
+            for i, first, last in zip(members, offsets[:-1], offsets[1:]):
+                found[i] = boxes[first:last]
+        return found  # type: ignore[return-value]
 
     def detect_faces(self, frames: np.ndarray) -> list[np.ndarray]:
         """Face boxes per frame, (k, 4) int arrays of x1, y1, x2, y2 in full-resolution pixels."""

@@ -100,6 +100,7 @@ class ExtractConfig:
     labels: tuple[str, ...] | None = None  # manifest: the class vocabulary, in this order (--labels)
     detect_max_side: int | None = 640  # MTCNN sees frames shrunk to this longest side (None: full size)
     crop_batch: int | None = None  # face crops per ResNet call across utterances (None: 256 on CUDA, one utterance on CPU)
+    detect_batch: int | None = None  # utterances per MTCNN call (None: 8 on CUDA, one on CPU)
     read_ahead: int = 2  # media items each worker reads (decode, openSMILE) ahead of its networks; 0: in line
     strict: bool = False  # stop at the first unforeseen exception instead of recording it
     scheduler_timeout: float = 60.0  # seconds to reach --scheduler and for its first worker
@@ -119,6 +120,8 @@ class ExtractConfig:
             raise ConfigError(f"--detect-max-side must be at least 64 pixels, got {self.detect_max_side}")
         if self.crop_batch is not None and self.crop_batch < 1:
             raise ConfigError(f"--crop-batch must be at least 1, got {self.crop_batch}")
+        if self.detect_batch is not None and self.detect_batch < 1:
+            raise ConfigError(f"--detect-batch must be at least 1, got {self.detect_batch}")
         if self.read_ahead < 0:
             raise ConfigError(f"--read-ahead must be 0 or more, got {self.read_ahead}")
         if self.shard_utterances < 1 or (self.dialogues_per_shard is not None and self.dialogues_per_shard < 1):
@@ -168,7 +171,8 @@ class ExtractConfig:
             random_face_weights=self.random_face_weights, faces=self.faces, num_frames=self.num_frames,
             precision=self.precision, text_precision=self.text_precision, compile=self.compile, seed=self.seed,
             device=device, threads=threads,
-            detect_max_side=self.detect_max_side, crop_batch=self.crop_batch, text_revision=text_weights.get("revision"),
+            detect_max_side=self.detect_max_side, crop_batch=self.crop_batch, detect_batch=self.detect_batch,
+            text_revision=text_weights.get("revision"),
             text_weights_sha256=tuple(sorted((text_weights.get("sha256") or {}).items())),
         )
 
@@ -241,6 +245,7 @@ class WorkerSettings:
     compile: bool = False
     detect_max_side: int | None = 640
     crop_batch: int | None = None
+    detect_batch: int | None = None
     text_revision: str | None = None  # a hub text model's snapshot commit, resolved once by the client
     text_weights_sha256: tuple[tuple[str, str], ...] = ()  # the client's (file, sha256) of the text weights
 
@@ -348,7 +353,7 @@ def _extractors(settings: WorkerSettings) -> tuple[dict[str, Any], bool]:
                              random_face_weights=settings.random_face_weights, seed=settings.seed,
                              device=device, precision=settings.precision,
                              detect_max_side=settings.detect_max_side, crop_batch=settings.crop_batch,
-                             compile=settings.compile)
+                             detect_batch=settings.detect_batch, compile=settings.compile)
             )
         built = {modality: OneCallAtATime(extractor) for modality, extractor in built.items()}
         _EXTRACTORS[settings] = built
@@ -537,6 +542,34 @@ def extract_dialogues(
             attempt(record.utterance_id, "visual", source, lambda: finish(record, faces, own()))
         waiting.clear()
 
+    # utterances whose frames are read, waiting for MTCNN: on a GPU the frames of several utterances
+    # share one call (VisualConfig.utterances_per_detect_call); on a CPU each utterance goes alone
+    undetected: list[tuple[UtteranceRecord, tuple[Path, float | None, float | None], np.ndarray]] = []
+
+    def detect_undetected() -> None:
+        """Face boxes of the waiting utterances' frames in one MTCNN call (per frame size), then their
+        crops, queued for the ResNet; if the shared call fails, each utterance is searched alone so
+        the failure stays with its item."""
+        if not undetected:
+            return
+        visual = extractors["visual"]
+        boxes = None
+        if len(undetected) > 1:
+            started = time.perf_counter()
+            try:
+                boxes = visual.detect_faces_of_many([frames for _, _, frames in undetected])
+            except Exception:
+                pass  # boxes stays None: each utterance is searched alone below
+            seconds["visual"] += time.perf_counter() - started
+        for i, (record, media, frames) in enumerate(undetected):
+            own = boxes[i] if boxes is not None else None
+            faces = attempt(record.utterance_id, "visual", media[0], lambda: visual.crop_faces(frames, *media, boxes=own))
+            if faces is not None:
+                waiting.append((record, media[0], faces))
+                if sum(len(f.crops) for _, _, f in waiting) >= visual.config.crops_per_call:
+                    embed_waiting()
+        undetected.clear()
+
     reads = [
         ((u.utterance_id, m), partial(_read_media, extractors, m, media))
         for dialogue in dialogues for u in dialogue.utterances for m in ("audio", "visual")
@@ -578,15 +611,13 @@ def extract_dialogues(
                         u.utterance_id, "audio", media[0], lambda: reader.get((u.utterance_id, "audio"))
                     )
                 if "visual" in extractors and (media := _media_source(u, "visual")) is not None:
-                    faces = attempt(
-                        u.utterance_id, "visual", media[0],
-                        lambda: extractors["visual"].crop_faces(reader.get((u.utterance_id, "visual")), *media),
-                    )
-                    if faces is not None:
-                        waiting.append((record, media[0], faces))
-                        if sum(len(f.crops) for _, _, f in waiting) >= extractors["visual"].config.crops_per_call:
-                            embed_waiting()
+                    frames = attempt(u.utterance_id, "visual", media[0], lambda: reader.get((u.utterance_id, "visual")))
+                    if frames is not None:
+                        undetected.append((record, media, frames))
+                        if len(undetected) >= extractors["visual"].config.utterances_per_detect_call:
+                            detect_undetected()
                 records.append(record)
+        detect_undetected()
         embed_waiting()
     finally:
         reader.close()

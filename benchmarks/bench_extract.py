@@ -1,7 +1,7 @@
 """Extraction throughput: where one utterance's time goes, and utterances/second of whole runs.
 
     python benchmarks/bench_extract.py [--copies N] [--skip-runs] [--compile-only] [--size 640x360]
-        [--read-ahead N] [--detect-max-side N]
+        [--read-ahead N] [--detect-max-side N] [--device cuda | --batching-runs]
 
 Builds the `erc demo` corpus (real face video, real audio, the real MiniLM text encoder, random
 face weights; 320×180 video unless ``--size`` says otherwise, e.g. MELD-like 640×360) with
@@ -16,6 +16,9 @@ face weights; 320×180 video unless ``--size`` says otherwise, e.g. MELD-like 64
    where the CPU computes it natively), the same with ``--compile``, and prints utterances/second
    (``--compile-only``: only the last two, the bf16 run without ``--compile`` as the baseline). "steady" leaves out the cluster start and model
    loading: utterances after the first finished shard over the time after it.
+3. with ``--device cuda`` (or ``--batching-runs`` on the CPU), instead of 1 and 2: one worker with the networks
+   called once per utterance against erc's cross-utterance batching (``--detect-batch``,
+   ``--crop-batch``) and read-ahead: what a GPU worker gains from them (see ``batching_runs``).
 
 Target (issue 10): >= 1.0 utt/s steady state on 2 cores with all modalities.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import tempfile
 import time
@@ -90,6 +94,10 @@ def main() -> None:
     parser.add_argument("--size", default="320x180", help="video frame size WIDTHxHEIGHT (even numbers)")
     parser.add_argument("--read-ahead", type=int, default=2, help="erc extract --read-ahead of the whole runs")
     parser.add_argument("--detect-max-side", type=int, default=640, help="erc extract --detect-max-side of the whole runs")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the batching runs (below) on one GPU worker instead of the CPU table")
+    parser.add_argument("--batching-runs", action="store_true",
+                        help="one worker: networks called per utterance against the defaults (implied by --device cuda)")
     args = parser.parse_args()
     size = tuple(int(side) for side in args.size.lower().split("x"))
     from erc.pipeline.evaluate import cpu_has_native_bf16
@@ -108,6 +116,9 @@ def main() -> None:
                 writer.writerows(rows + copies)
         print(f"torch {torch.__version__}; native bf16 on this CPU: {cpu_has_native_bf16()}; "
               f"video {size[0]}×{size[1]}; --read-ahead {args.read_ahead}; --detect-max-side {args.detect_max_side}\n")
+        if args.device == "cuda" or args.batching_runs:
+            batching_runs(manifest, Path(tmp), args)
+            return
         print("| stage (one utterance, 1 thread) | seconds |\n|---|---|")
         for name, seconds in stage_times(manifest, threads=1):
             print(f"| {name} | {seconds:.3f} |", flush=True)
@@ -135,6 +146,37 @@ def main() -> None:
         for workers, threads, precision, n, seconds, rate, steady, failed in rows:
             print(f"| {workers} × {threads} | {precision} | {n} | {seconds:.1f} | {rate:.2f} | {steady:.2f} | {rate / base:.2f}× | {failed} |")
         print("\ntarget: >= 1.0 utt/s steady state on 2 cores, all modalities")
+
+
+def batching_runs(manifest: Path, tmp: Path, args: argparse.Namespace) -> None:
+    """One worker on ``--device`` (all CPU cores for its threads), ``--precision auto``: the networks
+    called once per utterance (``--detect-batch 1 --crop-batch 1 --read-ahead 0``, the baseline)
+    against the GPU defaults (MTCNN on 8 utterances' frames, the ResNet on up to 256 crops, media
+    read ahead), and those with a deeper read-ahead. Made for a GPU worker (issue 10); on a CPU the
+    batching is expected to gain nothing."""
+    cores = os.cpu_count() or 1
+    runs = (("per utterance, in line (baseline)", {"detect_batch": 1, "crop_batch": 1, "read_ahead": 0}),
+            ("--detect-batch 8 --crop-batch 256 --read-ahead 2 (the CUDA defaults)", {"detect_batch": 8, "crop_batch": 256}),
+            ("the same, --read-ahead 16", {"detect_batch": 8, "crop_batch": 256, "read_ahead": 16}))
+    rows = []
+    for name, options in runs:
+        finished: list[tuple[float, int]] = []
+        config = ExtractConfig(dataset="manifest", root=manifest.parent, manifest=manifest, out=tmp / f"gpu{len(rows)}",
+                               text_model=str(bundled_text_encoder()), random_face_weights=True, workers=1,
+                               threads_per_worker=cores, device=args.device, precision="auto", text_precision="auto",
+                               detect_max_side=args.detect_max_side, **{"read_ahead": args.read_ahead, **options})
+        started = time.perf_counter()
+        result = extract(config, progress=lambda done, total: finished.append((time.perf_counter() - started, done)))
+        first_seconds, first_done = finished[0]
+        steady = (result.utterances - first_done) / max(result.seconds - first_seconds, 1e-9)
+        rows.append((name, config.precision, result.utterances, result.seconds, steady, len(result.failures)))
+        print(f"{name}: {result.utterances} utterances in {result.seconds:.1f} s, steady {steady:.2f} utt/s", flush=True)
+    base = rows[0][4]
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"\n{where}, {cores} CPU cores\n")
+    print(f"| one {args.device} worker | precision | utterances | seconds | steady utt/s | vs baseline | failed items |\n|---|---|---|---|---|---|---|")
+    for name, precision, n, seconds, steady, failed in rows:
+        print(f"| {name} | {precision} | {n} | {seconds:.1f} | {steady:.2f} | {steady / base:.2f}× | {failed} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of the training stage in one run (issue 11), for a machine with one CUDA GPU:
+# The GPU checks of the training stage (issue 11) and of extraction (issue 10) in one run, for a
+# machine with one CUDA GPU:
 #   bash benchmarks/gpu_checks.sh OUT_DIR [BASELINE_TREE]
 # 1. the training-step table on the GPU in fp32 (MultiEMO at 32 and 64 dialogues also on
 #    BASELINE_TREE's erc package, e.g. `git archive 26c302c erc | tar -x -C DIR`, the revision before
@@ -7,13 +8,15 @@
 # 2. wall time of 100-epoch runs of multiemo and xlstm-multiemo on an IEMOCAP-sized random shard set,
 #    side by side with 3. the `gpu`-marked tests (two CUDA epochs, then `erc evaluate` on the CPU
 #    reproduces the metrics).
-# Each part has its own time limit (seconds: STEP_S, TEST_S, FULL_S); what a part leaves unfinished is
+# 4. extraction on one CUDA worker: the networks called per utterance against the cross-utterance
+#    batching (`bench_extract.py --device cuda`, 640x360 demo clips, 5 copies = 480 utterances).
+# Each part has its own time limit (seconds: STEP_S, TEST_S, FULL_S, EXTRACT_S); what a part leaves unfinished is
 # reported as such in OUT_DIR, never estimated. PYTHON picks the interpreter (default python3).
 set -u
 OUT=${1:-gpu-results}
 BASELINE=${2:-}
 PY=${PYTHON:-python3}
-STEP_S=${STEP_S:-150} TEST_S=${TEST_S:-150} FULL_S=${FULL_S:-300}
+STEP_S=${STEP_S:-150} TEST_S=${TEST_S:-150} FULL_S=${FULL_S:-300} EXTRACT_S=${EXTRACT_S:-240}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
@@ -56,4 +59,8 @@ for model in multiemo xlstm-multiemo; do  # a run cut by its limit is NOT done: 
     { grep -h "epoch" "$OUT/full_run_$model.md" | tail -1; grep -h "^| $model" "$OUT/full_run_$model.md" || echo "$model: NOT finished within $FULL_S s"; } >> "$OUT/timeline.txt"
 done
 tail -1 "$OUT/pytest_gpu.txt" >> "$OUT/timeline.txt"
+
+stamp "extraction on one CUDA worker"
+timeout "$EXTRACT_S" "$PY" benchmarks/bench_extract.py --device cuda --copies 5 --size 640x360 > "$OUT/extract_gpu.md" 2>&1 \
+    || stamp "extraction: exit $? (a cut run is NOT done; its finished rows are in extract_gpu.md)"
 stamp "done"

@@ -11,6 +11,7 @@ import hashlib
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -411,41 +412,56 @@ def test_weights_info_and_provenance(extractor, tmp_path):
     assert set(versions) >= {"torchvision", "transformers", "opencv-python-headless", "av", "h5py", "dask", "xlstm"}
 
 
+def _visual_records(spans: list[tuple[Path, float | None, float | None]], **batching):
+    """``extract_dialogues`` of one dialogue whose utterances show ``spans`` (video, start, end): visual
+    only, 6 frames, fp32, CPU, with ``batching`` (``crop_batch`` / ``detect_batch``). Records by
+    utterance id, and (item, modality) of each failure in order."""
+    from erc.pipeline.corpus import Dialogue, Utterance
+    from erc.pipeline.extract import WorkerSettings, extract_dialogues
+
+    utterances = [Utterance(f"u{i}", "d", i, "train", "A", 0, "", None, video=path, start=start, end=end)
+                  for i, (path, start, end) in enumerate(spans)]
+    settings = WorkerSettings(modalities=("visual",), text_model="", text_max_length=8, text_context=False,
+                              text_pooling=None, face_weights=None, random_face_weights=True, faces="all",
+                              num_frames=6, precision="fp32", seed=0, device="cpu", threads=1, **batching)
+    payload = extract_dialogues([Dialogue("d", "train", utterances)], [], settings)
+    return {r.utterance_id: r for r in payload.records}, [(f["item"], f["modality"]) for f in payload.failures]
+
+
+def _count_calls(monkeypatch, method: str) -> tuple[list[int], Any]:
+    """Wrap ``VisualExtractor.<method>`` so that each call records the length of its batch argument;
+    returns (that list, the real method)."""
+    calls: list[int] = []
+    real = getattr(VisualExtractor, method)
+    monkeypatch.setattr(VisualExtractor, method, lambda self, batch: calls.append(len(batch)) or real(self, batch))
+    return calls, real
+
+
+def _assert_same_visual_features(records: dict, reference: dict, uids: tuple[str, ...]) -> None:
+    """Utterance and per-frame visual features of ``uids`` equal to float rounding, same frame masks."""
+    for uid in uids:
+        scale = float(np.abs(reference[uid].visual_frames).max())
+        np.testing.assert_allclose(records[uid].features["visual"], reference[uid].features["visual"], rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(records[uid].visual_frames, reference[uid].visual_frames, rtol=0, atol=1e-5 * scale)
+        assert np.array_equal(records[uid].visual_frame_mask, reference[uid].visual_frame_mask)
+
+
 def test_crops_of_several_utterances_share_resnet_calls_with_the_same_features(media, face_video, two_faces_video, monkeypatch):
     """``crop_batch``: the face crops of several utterances go through the ResNet together (as on a
     GPU by default). Features equal one utterance at a time; an utterance without a face is still
     its own failure; and when a shared call fails, each utterance is embedded alone, so one bad
     utterance cannot take the others with it."""
-    from erc.pipeline.corpus import Dialogue, Utterance
-    from erc.pipeline.extract import WorkerSettings, extract_dialogues
-
     empty = write_video(media / "empty_room_batch.mp4", FPS, faces=lambda i, count: [])
     spans = [(face_video, 0.0, 1.0), (empty, 0.0, 0.9), (two_faces_video, None, None), (face_video, 1.0, 3.0)]
-    utterances = [Utterance(f"u{i}", "d", i, "train", "A", 0, "", None, video=path, start=start, end=end)
-                  for i, (path, start, end) in enumerate(spans)]
-    dialogue = [Dialogue("d", "train", utterances)]
 
-    def run(crop_batch):
-        settings = WorkerSettings(modalities=("visual",), text_model="", text_max_length=8, text_context=False,
-                                  text_pooling=None, face_weights=None, random_face_weights=True, faces="all",
-                                  num_frames=6, precision="fp32", seed=0, device="cpu", threads=1, crop_batch=crop_batch)
-        payload = extract_dialogues(dialogue, [], settings)
-        return {r.utterance_id: r for r in payload.records}, [(f["item"], f["modality"]) for f in payload.failures]
-
-    calls = []
-    real_embed = VisualExtractor.embed_faces
-    monkeypatch.setattr(VisualExtractor, "embed_faces", lambda self, crops: calls.append(len(crops)) or real_embed(self, crops))
-    alone, alone_failures = run(1)
+    calls, real_embed = _count_calls(monkeypatch, "embed_faces")
+    alone, alone_failures = _visual_records(spans, crop_batch=1)
     alone_calls, calls[:] = list(calls), []
-    together, together_failures = run(1000)
+    together, together_failures = _visual_records(spans, crop_batch=1000)
     assert len(alone_calls) == 3 and len(calls) == 1 and calls[0] == sum(alone_calls)
     assert alone_failures == together_failures == [("u1", "visual")]
     assert "visual" not in together["u1"].features
-    for uid in ("u0", "u2", "u3"):
-        scale = float(np.abs(alone[uid].visual_frames).max())
-        np.testing.assert_allclose(together[uid].features["visual"], alone[uid].features["visual"], rtol=0, atol=1e-5 * scale)
-        np.testing.assert_allclose(together[uid].visual_frames, alone[uid].visual_frames, rtol=0, atol=1e-5 * scale)
-        assert np.array_equal(together[uid].visual_frame_mask, alone[uid].visual_frame_mask)
+    _assert_same_visual_features(together, alone, ("u0", "u2", "u3"))
 
     def refuse_shared_calls(self, crops):  # a shared call fails; each utterance's own crops pass
         calls.append(len(crops))
@@ -455,7 +471,7 @@ def test_crops_of_several_utterances_share_resnet_calls_with_the_same_features(m
 
     calls[:] = []
     monkeypatch.setattr(VisualExtractor, "embed_faces", refuse_shared_calls)
-    retried, retried_failures = run(999)
+    retried, retried_failures = _visual_records(spans, crop_batch=999)
     assert calls == [sum(alone_calls), *alone_calls] and retried_failures == [("u1", "visual")]
     for uid in ("u0", "u2", "u3"):
         np.testing.assert_array_equal(retried[uid].features["visual"], alone[uid].features["visual"])
@@ -466,9 +482,6 @@ def test_frames_of_several_utterances_share_mtcnn_calls_with_the_same_features(m
     per frame size (as on a GPU by default). Features equal one utterance at a time; an utterance
     without a face is still its own failure; and when a shared call fails, each utterance is searched
     alone, so one bad utterance cannot take the others with it."""
-    from erc.pipeline.corpus import Dialogue, Utterance
-    from erc.pipeline.extract import WorkerSettings, extract_dialogues
-
     empty = write_video(media / "empty_room_detect.mp4", FPS, faces=lambda i, count: [])
     small = media / "small_face.mp4"  # another frame size: its own MTCNN call
     writer = cv2.VideoWriter(str(small), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (320, 240))
@@ -479,32 +492,16 @@ def test_frames_of_several_utterances_share_mtcnn_calls_with_the_same_features(m
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
     spans = [(face_video, 0.0, 1.0), (empty, 0.0, 0.9), (small, None, None), (two_faces_video, None, None), (face_video, 1.0, 3.0)]
-    utterances = [Utterance(f"u{i}", "d", i, "train", "A", 0, "", None, video=path, start=start, end=end)
-                  for i, (path, start, end) in enumerate(spans)]
-    dialogue = [Dialogue("d", "train", utterances)]
 
-    def run(detect_batch):
-        settings = WorkerSettings(modalities=("visual",), text_model="", text_max_length=8, text_context=False,
-                                  text_pooling=None, face_weights=None, random_face_weights=True, faces="all",
-                                  num_frames=6, precision="fp32", seed=0, device="cpu", threads=1, detect_batch=detect_batch)
-        payload = extract_dialogues(dialogue, [], settings)
-        return {r.utterance_id: r for r in payload.records}, [(f["item"], f["modality"]) for f in payload.failures]
-
-    calls = []
-    real_detect = VisualExtractor.detect_faces
-    monkeypatch.setattr(VisualExtractor, "detect_faces", lambda self, frames: calls.append(len(frames)) or real_detect(self, frames))
-    alone, alone_failures = run(1)
+    calls, real_detect = _count_calls(monkeypatch, "detect_faces")
+    alone, alone_failures = _visual_records(spans, detect_batch=1)
     assert calls == [6] * 5
     calls[:] = []
-    together, together_failures = run(1000)
+    together, together_failures = _visual_records(spans, detect_batch=1000)
     assert sorted(calls) == [6, 24]  # four utterances of 640×360 frames in one call, the 320×240 one in another
     assert alone_failures == together_failures == [("u1", "visual")]
     assert "visual" not in together["u1"].features
-    for uid in ("u0", "u2", "u3", "u4"):
-        scale = float(np.abs(alone[uid].visual_frames).max())
-        np.testing.assert_allclose(together[uid].features["visual"], alone[uid].features["visual"], rtol=0, atol=1e-5 * scale)
-        np.testing.assert_allclose(together[uid].visual_frames, alone[uid].visual_frames, rtol=0, atol=1e-5 * scale)
-        assert np.array_equal(together[uid].visual_frame_mask, alone[uid].visual_frame_mask)
+    _assert_same_visual_features(together, alone, ("u0", "u2", "u3", "u4"))
 
     def refuse_shared_calls(self, frames):  # a shared call fails; each utterance's own frames pass
         calls.append(len(frames))
@@ -514,7 +511,7 @@ def test_frames_of_several_utterances_share_mtcnn_calls_with_the_same_features(m
 
     calls[:] = []
     monkeypatch.setattr(VisualExtractor, "detect_faces", refuse_shared_calls)
-    retried, retried_failures = run(999)
+    retried, retried_failures = _visual_records(spans, detect_batch=999)
     assert calls == [24, 6, 6, 6, 6, 6] and retried_failures == [("u1", "visual")]
     for uid in ("u0", "u2", "u3", "u4"):
         np.testing.assert_array_equal(retried[uid].features["visual"], alone[uid].features["visual"])

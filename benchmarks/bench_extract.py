@@ -32,6 +32,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,16 +129,12 @@ def main() -> None:
         runs = ((1, 1, "fp32", False), (2, 1, "fp32", False), (2, 1, "auto", False), (2, 1, "auto", True))
         for workers, threads, precision, compile in runs[2:] if args.compile_only else runs:
             out = Path(tmp) / f"out{workers}x{threads}{precision}{compile}"
-            finished: list[float] = []
             config = ExtractConfig(dataset="manifest", root=manifest.parent, manifest=manifest, out=out,
                                    text_model=str(bundled_text_encoder()), random_face_weights=True, workers=workers,
                                    threads_per_worker=threads, dialogues_per_shard=1, precision=precision,
                                    text_precision=precision, compile=compile, read_ahead=args.read_ahead,
                                    detect_max_side=args.detect_max_side)
-            started = time.perf_counter()
-            result = extract(config, progress=lambda done, total: finished.append((time.perf_counter() - started, done)))
-            first_seconds, first_done = finished[0]
-            steady = (result.utterances - first_done) / (result.seconds - first_seconds)
+            result, steady = timed_extract(config)
             label = config.precision + (", --compile" if compile else "")
             rows.append((workers, threads, label, result.utterances, result.seconds,
                          result.utterances_per_second, steady, len(result.failures)))
@@ -146,6 +143,16 @@ def main() -> None:
         for workers, threads, precision, n, seconds, rate, steady, failed in rows:
             print(f"| {workers} × {threads} | {precision} | {n} | {seconds:.1f} | {rate:.2f} | {steady:.2f} | {rate / base:.2f}× | {failed} |")
         print("\ntarget: >= 1.0 utt/s steady state on 2 cores, all modalities")
+
+
+def timed_extract(config: ExtractConfig) -> tuple[Any, float]:
+    """``extract(config)`` from scratch, and its steady utterances/second: the utterances after the first
+    finished shard over the time after it (leaving out the cluster start and model loading)."""
+    finished: list[tuple[float, int]] = []
+    started = time.perf_counter()
+    result = extract(config, progress=lambda done, total: finished.append((time.perf_counter() - started, done)))
+    first_seconds, first_done = finished[0]
+    return result, (result.utterances - first_done) / max(result.seconds - first_seconds, 1e-9)
 
 
 def batching_runs(manifest: Path, tmp: Path, args: argparse.Namespace) -> None:
@@ -160,15 +167,11 @@ def batching_runs(manifest: Path, tmp: Path, args: argparse.Namespace) -> None:
             ("the same, --read-ahead 16", {"detect_batch": 8, "crop_batch": 256, "read_ahead": 16}))
     rows = []
     for name, options in runs:
-        finished: list[tuple[float, int]] = []
         config = ExtractConfig(dataset="manifest", root=manifest.parent, manifest=manifest, out=tmp / f"gpu{len(rows)}",
                                text_model=str(bundled_text_encoder()), random_face_weights=True, workers=1,
                                threads_per_worker=cores, device=args.device, precision="auto", text_precision="auto",
                                detect_max_side=args.detect_max_side, **{"read_ahead": args.read_ahead, **options})
-        started = time.perf_counter()
-        result = extract(config, progress=lambda done, total: finished.append((time.perf_counter() - started, done)))
-        first_seconds, first_done = finished[0]
-        steady = (result.utterances - first_done) / max(result.seconds - first_seconds, 1e-9)
+        result, steady = timed_extract(config)
         rows.append((name, config.precision, result.utterances, result.seconds, steady, len(result.failures)))
         print(f"{name}: {result.utterances} utterances in {result.seconds:.1f} s, steady {steady:.2f} utt/s", flush=True)
     base = rows[0][4]

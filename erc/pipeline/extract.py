@@ -118,10 +118,9 @@ class ExtractConfig:
             self.labels = tuple(self.labels)
         if self.detect_max_side is not None and self.detect_max_side < 64:
             raise ConfigError(f"--detect-max-side must be at least 64 pixels, got {self.detect_max_side}")
-        if self.crop_batch is not None and self.crop_batch < 1:
-            raise ConfigError(f"--crop-batch must be at least 1, got {self.crop_batch}")
-        if self.detect_batch is not None and self.detect_batch < 1:
-            raise ConfigError(f"--detect-batch must be at least 1, got {self.detect_batch}")
+        for option, value in (("--crop-batch", self.crop_batch), ("--detect-batch", self.detect_batch)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{option} must be at least 1, got {value}")
         if self.read_ahead < 0:
             raise ConfigError(f"--read-ahead must be 0 or more, got {self.read_ahead}")
         if self.shard_utterances < 1 or (self.dialogues_per_shard is not None and self.dialogues_per_shard < 1):
@@ -509,6 +508,20 @@ def extract_dialogues(
             seconds[modality] += time.perf_counter() - started
         return None
 
+    def shared_call(call: Callable[[], Any], utterances: int) -> Any:
+        """``call()``, one network call for the visual work of several ``utterances``; None when there is
+        only one, or when the call fails: each utterance is then done alone, so a failure stays with its
+        item. Its time counts as visual."""
+        if utterances < 2:
+            return None
+        started = time.perf_counter()
+        try:
+            return call()
+        except Exception:
+            return None
+        finally:
+            seconds["visual"] += time.perf_counter() - started
+
     # utterances whose faces are cropped, waiting for the ResNet: on a GPU the crops of several
     # utterances share one call (VisualConfig.crops_per_call); on a CPU each utterance goes alone
     waiting: list[tuple[UtteranceRecord, Path, Any]] = []
@@ -528,14 +541,8 @@ def extract_dialogues(
             record.features["visual"] = features.utterance
             record.visual_frames, record.visual_frame_mask = features.frames, features.frame_mask
 
-        embeddings = None
-        if len(waiting) > 1:
-            started = time.perf_counter()
-            try:
-                embeddings = visual.embed_faces(np.concatenate([faces.crops for _, _, faces in waiting]))
-            except Exception:
-                pass  # embeddings stays None: each utterance is retried alone below
-            seconds["visual"] += time.perf_counter() - started
+        embeddings = shared_call(lambda: visual.embed_faces(np.concatenate([faces.crops for _, _, faces in waiting])),
+                                 len(waiting))
         offsets = np.cumsum([0] + [len(faces.crops) for _, _, faces in waiting])
         for (record, source, faces), first, last in zip(waiting, offsets[:-1], offsets[1:]):
             own = (lambda: embeddings[first:last]) if embeddings is not None else (lambda: visual.embed_faces(faces.crops))
@@ -553,14 +560,7 @@ def extract_dialogues(
         if not undetected:
             return
         visual = extractors["visual"]
-        boxes = None
-        if len(undetected) > 1:
-            started = time.perf_counter()
-            try:
-                boxes = visual.detect_faces_of_many([frames for _, _, frames in undetected])
-            except Exception:
-                pass  # boxes stays None: each utterance is searched alone below
-            seconds["visual"] += time.perf_counter() - started
+        boxes = shared_call(lambda: visual.detect_faces_of_many([frames for _, _, frames in undetected]), len(undetected))
         for i, (record, media, frames) in enumerate(undetected):
             own = boxes[i] if boxes is not None else None
             faces = attempt(record.utterance_id, "visual", media[0], lambda: visual.crop_faces(frames, *media, boxes=own))

@@ -148,6 +148,60 @@ def test_soft_hgr_matches_the_authors_formula():
     assert soft_hgr_loss(features, scale="authors").item() == pytest.approx(expected, rel=1e-10)
 
 
+def test_swfc_saves_one_pair_matrix_and_keeps_the_dense_gradient():
+    """Only log_softmax's (N, N) output is saved in float; the focal terms of the positive pairs
+    give the gradient of the dense eq 18-19 expression."""
+    torch.manual_seed(4)
+    n = 200
+    z = torch.randn(n, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (n,))
+    options = dict(temperature=0.8, focusing=2.0, sample_weight_power=0.8)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = sample_weighted_focal_contrastive_loss(z, labels, **options)
+    assert len({t.untyped_storage().data_ptr() for t in saved if t.shape == (n, n) and t.is_floating_point()}) == 1
+    (grad,) = torch.autograd.grad(loss, z)
+
+    weights = swfc_class_weights(labels, 0.8, None, normalize=True)
+    positive = (labels.unsqueeze(0) == labels.unsqueeze(1)) & ~torch.eye(n, dtype=torch.bool)
+    pair_weight = positive * (weights[labels] / positive.sum(dim=1)).unsqueeze(1)
+    unit = torch.nn.functional.normalize(z, dim=-1)
+    log_s = ((unit / 0.8) @ unit.T).fill_diagonal_(torch.finfo(torch.float64).min).log_softmax(dim=1)
+    dense = -(pair_weight * (-torch.expm1(log_s)).pow(2.0) * log_s).sum() / n
+    torch.testing.assert_close(loss, dense, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, torch.autograd.grad(dense, z)[0], rtol=1e-9, atol=1e-12)
+
+
+def test_authors_soft_hgr_keeps_no_utterance_by_utterance_matrix_and_its_gradient():
+    """The (d, d) form gives the gradient of the literal torch.cov (n, n) form and saves nothing
+    n x n for the backward pass, so its memory stays linear in the number of utterances."""
+    torch.manual_seed(3)
+    n = 300
+    features = [torch.randn(n, 6, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    saved_shapes = []
+
+    def pack(tensor):
+        saved_shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = soft_hgr_loss(features, scale="authors")
+    assert saved_shapes and (n, n) not in saved_shapes
+    grads = torch.autograd.grad(loss, features)
+    literal = 0.0
+    for i in range(3):
+        for j in range(i + 1, 3):
+            f, g = features[i], features[j]
+            literal = literal + ((f * g).sum(dim=1).mean() - 0.5 * (torch.cov(f) * torch.cov(g)).sum() / n) / n
+    for grad, expected in zip(grads, torch.autograd.grad(-literal, features)):
+        torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
+
+
 def test_centred_soft_hgr_matches_eq_20():
     torch.manual_seed(2)
     features = [torch.randn(9, 3, dtype=torch.float64) for _ in range(3)]

@@ -116,14 +116,15 @@ def sample_weighted_focal_contrastive_loss(
     class_weight = swfc_class_weights(labels, sample_weight_power, class_counts, normalize_class_weights)
     positive = labels.unsqueeze(0) == labels.unsqueeze(1)
     positive.fill_diagonal_(False)
-    # anchor weight w_{y_j} / |R_j| on each positive pair, zero elsewhere
+    # anchor weight w_{y_j} / |R_j|, on each positive pair (j, g) in row-major order
     anchor_weight = class_weight.to(features.dtype)[labels] / positive.sum(dim=1).clamp_min(1)
-    pair_weight = positive * anchor_weight.unsqueeze(1)
+    pair_weight = anchor_weight.unsqueeze(1).expand(n, n).masked_select(positive)
 
     similarity = (features / temperature) @ features.T
-    # exclude z_j itself from A_j; finite, so that 0-weighted pairs stay 0 in value and gradient
+    # exclude z_j itself from A_j (a finite minimum keeps every value and gradient finite)
     similarity = similarity.fill_diagonal_(torch.finfo(similarity.dtype).min)
-    log_s = similarity.log_softmax(dim=1)  # log s_{j:g} (eq 18)
+    # log s_{j:g} (eq 18) of the positive pairs only: the focal terms keep no (N, N) tensors
+    log_s = similarity.log_softmax(dim=1).masked_select(positive)
     focal = (-torch.expm1(log_s)).pow(focusing)  # (1 - s)^γ
     return -(pair_weight * focal * log_s).sum() / n
 
@@ -140,7 +141,8 @@ def soft_hgr_loss(
     - ``scale="authors"`` (the authors' Loss/SoftHGRLoss.py, for which μ2 = 0.3 was tuned):
       E[f·g] over the rows, uncentred; the covariance term tr(cov(f) cov(g)) / n with torch.cov
       of the (n, d) matrix, i.e. the (n, n) covariances between utterances over the feature
-      dimensions; the pair's value E[f·g] - ½·that, divided by n. This already carries eq 22's
+      dimensions (computed through the equal (d, d) form, so memory stays linear in n); the
+      pair's value E[f·g] - ½·that, divided by n. This already carries eq 22's
       1/N, so ``fusion_loss`` adds it as is.
     - ``scale="centred"`` (eq 20 as written): features centred over the rows (E[f] = 0), unbiased
       (d, d) feature covariances, E[f·g] - ½ tr(cov(f) cov(g)), not divided by n.
@@ -161,7 +163,10 @@ def soft_hgr_loss(
             f, g = features[i][rows], features[j][rows]
             if scale == "authors":
                 inner = (f * g).sum(dim=1).mean()
-                covariance_product = (torch.cov(f) * torch.cov(g)).sum() / n  # tr(AB), A and B symmetric
+                # tr(cov(f) cov(g)) of the (n, n) covariances = ||F^T G||_F^2 / (d - 1)^2 with F, G
+                # each row centred over its d features: a (d, d) product instead of two (n, n) ones
+                f_rows, g_rows = f - f.mean(dim=1, keepdim=True), g - g.mean(dim=1, keepdim=True)
+                covariance_product = (f_rows.T @ g_rows).pow(2).sum() / (f.shape[1] - 1) ** 2 / n
                 total = total + (inner - 0.5 * covariance_product) / n
             else:
                 f, g = f - f.mean(dim=0), g - g.mean(dim=0)

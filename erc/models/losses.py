@@ -116,15 +116,16 @@ def sample_weighted_focal_contrastive_loss(
     class_weight = swfc_class_weights(labels, sample_weight_power, class_counts, normalize_class_weights)
     positive = labels.unsqueeze(0) == labels.unsqueeze(1)
     positive.fill_diagonal_(False)
-    # anchor weight w_{y_j} / |R_j|, on each positive pair (j, g) in row-major order
+    pairs = positive.view(-1).nonzero().squeeze(1)  # flat indices j·N + g of the positive pairs
+    # anchor weight w_{y_j} / |R_j| of each positive pair
     anchor_weight = class_weight.to(features.dtype)[labels] / positive.sum(dim=1).clamp_min(1)
-    pair_weight = anchor_weight.unsqueeze(1).expand(n, n).masked_select(positive)
+    pair_weight = anchor_weight[pairs // n]
 
     similarity = (features / temperature) @ features.T
     # exclude z_j itself from A_j (a finite minimum keeps every value and gradient finite)
     similarity = similarity.fill_diagonal_(torch.finfo(similarity.dtype).min)
     # log s_{j:g} (eq 18) of the positive pairs only: the focal terms keep no (N, N) tensors
-    log_s = similarity.log_softmax(dim=1).masked_select(positive)
+    log_s = similarity.log_softmax(dim=1).view(-1).index_select(0, pairs)
     focal = (-torch.expm1(log_s)).pow(focusing)  # (1 - s)^γ
     return -(pair_weight * focal * log_s).sum() / n
 

@@ -10,6 +10,7 @@ encoders (speed; the label here depends on nothing but the utterance itself). At
 scale SWFC outweighed cross-entropy and MultiEMO stayed near chance on this task.
 """
 
+import csv
 import json
 
 import numpy as np
@@ -21,8 +22,8 @@ from typer.testing import CliRunner
 
 from erc.cli.main import app
 from erc.errors import ConfigError
-from erc.pipeline.evaluate import evaluate_run
-from erc.pipeline.shards import UtteranceRecord, write_shard_set
+from erc.pipeline.evaluate import classification_metrics, evaluate_run
+from erc.pipeline.shards import ShardSet, UtteranceRecord, write_shard_set
 from erc.pipeline.train import TrainConfig, train
 
 LABELS = ["zero", "one", "two"]
@@ -142,6 +143,27 @@ def test_evaluate_reproduces_training_metrics_exactly(cli_run):
     result = CliRunner().invoke(app, ["evaluate", "--run", str(run_dir), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert f"{reported['weighted_f1']:.4f}" in result.output
+
+
+def test_evaluate_writes_each_test_utterance_with_its_prediction(cli_run, features, tmp_path):
+    run_dir, _ = cli_run
+    out = tmp_path / "predictions.csv"
+    result = CliRunner().invoke(app, ["evaluate", "--run", str(run_dir), "--device", "cpu", "--predictions", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    reported = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert len(rows) == reported["utterances"] and not list(tmp_path.glob(".*partial"))
+    shards = ShardSet(features)
+    expected = [(uid, LABELS[label]) for ref in shards.dialogues("test")
+                for uid, label in zip(shards.load(ref)["utterance_id"], shards.load(ref)["label"])]
+    assert [(row["utterance_id"], row["label"]) for row in rows] == expected
+    probabilities = np.array([[float(row[f"p_{name}"]) for name in LABELS] for row in rows])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert [LABELS[k] for k in probabilities.argmax(axis=1)] == [row["predicted"] for row in rows]
+    true, predicted = ([LABELS.index(row[key]) for row in rows] for key in ("label", "predicted"))
+    assert classification_metrics(np.array(true), np.array(predicted), LABELS) == reported
+    bad = CliRunner().invoke(app, ["evaluate", "--run", str(run_dir), "--device", "cpu", "--predictions", str(tmp_path / "p.txt")])
+    assert bad.exit_code != 0 and "p.txt" in bad.output and not (tmp_path / "p.txt").exists()
 
 
 def test_same_seed_gives_identical_metrics(cli_run, features, tmp_path):

@@ -77,15 +77,19 @@ def evaluate_command(
     features: Annotated[Path | None, typer.Option(help="shard set (default: the one the run was trained on)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     allow_partial: Annotated[bool, typer.Option(help="accept an incomplete shard set (an extraction stopped early)")] = False,
+    predictions: Annotated[Path | None, typer.Option(
+        help="also write each test utterance's true and predicted emotion and class probabilities (.csv or .json)")] = None,
 ) -> None:
     """Recompute the test metrics of a run from its best checkpoint."""
     from erc.pipeline.evaluate import evaluate_run
 
     try:
-        metrics = evaluate_run(run, features, device=device, allow_partial=allow_partial)
+        metrics = evaluate_run(run, features, device=device, allow_partial=allow_partial, predictions=predictions)
     except ErcError as exc:
         raise fail(exc) from None
     print_metrics(metrics, title=f"test metrics of {run}")
+    if predictions is not None:
+        console.print(f"predictions of {metrics['utterances']} test utterances: {predictions}")
 
 
 def print_metrics(metrics: dict, *, title: str) -> None:

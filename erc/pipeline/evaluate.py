@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import os
 import re
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader
 from erc.errors import ConfigError
 from erc.models.context import use_xlstm_backend
 from erc.models.registry import build_model
-from erc.pipeline.data import DialogueDataset, load_splits, make_loader
+from erc.pipeline.data import DataSplits, DialogueDataset, load_splits, make_loader
 
 CHECKPOINT = "best.pt"
 
@@ -87,15 +89,25 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """(true, predicted) label of every labeled utterance, in loader order (in float32; read back
     from the device once, at the end)."""
+    true, predicted, _ = predict_probabilities(model, loader, device)
+    return true, predicted
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``predict`` and also the (N, C) class probabilities (softmax of the logits) of each utterance."""
     model.eval()
-    true, predicted = [], []
+    true, predicted, probabilities = [], [], []
     for batch in loader:
         batch = to_device(batch, device)
-        logits = model(batch).logits
+        logits = model(batch).logits.float()
         labeled = batch["label"] >= 0
         true.append(batch["label"][labeled])
         predicted.append(logits.argmax(-1)[labeled])
-    return torch.cat(true).cpu().numpy(), torch.cat(predicted).cpu().numpy()
+        probabilities.append(logits[labeled].softmax(-1))
+    return tuple(torch.cat(part).cpu().numpy() for part in (true, predicted, probabilities))  # type: ignore[return-value]
 
 
 def classification_metrics(true: np.ndarray, predicted: np.ndarray, label_names: list[str]) -> dict[str, Any]:
@@ -138,10 +150,15 @@ def load_model(checkpoint: dict[str, Any], device: torch.device) -> nn.Module:
 
 
 def evaluate_run(
-    run_dir: Path, features: Path | None = None, *, device: str = "auto", allow_partial: bool = False
+    run_dir: Path, features: Path | None = None, *, device: str = "auto", allow_partial: bool = False,
+    predictions: Path | None = None,
 ) -> dict[str, Any]:
     """Test metrics of ``run_dir``'s best checkpoint on the shard set it was trained on (or ``features``;
-    an incomplete set only with ``allow_partial``)."""
+    an incomplete set only with ``allow_partial``). ``predictions`` (``.csv`` or ``.json``) also gets
+    one row per labeled test utterance: its ids, speaker, text, true and predicted emotion and the
+    probability of every class, in the shards' order."""
+    if predictions is not None and Path(predictions).suffix not in (".csv", ".json"):
+        raise ConfigError(f"--predictions {predictions}: write predictions to a .csv or .json file")
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT)
     splits = load_splits(features or checkpoint["features"], checkpoint["modalities"], seed=checkpoint["seed"],
@@ -156,5 +173,43 @@ def evaluate_run(
     model = load_model(checkpoint, torch_device)
     test = DialogueDataset(splits.shards, splits.test, splits.modalities, frames=checkpoint["frames"])
     loader = make_loader(test, checkpoint["batch_size"], shuffle=False, pin_memory=torch_device.type == "cuda")
-    true, predicted = predict(model, loader, torch_device)
+    true, predicted, probabilities = predict_probabilities(model, loader, torch_device)
+    if predictions is not None:
+        write_predictions(Path(predictions), prediction_rows(splits, true, predicted, probabilities))
     return classification_metrics(true, predicted, splits.label_names)
+
+
+def prediction_rows(splits: DataSplits, true: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray) -> list[dict]:
+    """Rows of ``erc evaluate --predictions``: the labeled test utterances in the order ``predict``
+    returns them (the test dialogues in order, each one's utterances in order)."""
+    names, rows = splits.label_names, []
+    for ref in splits.test:
+        meta = splits.shards.load(ref)
+        for i in np.flatnonzero(meta["label"] >= 0):
+            rows.append({
+                "utterance_id": meta["utterance_id"][i], "dialogue_id": meta["dialogue_id"][i],
+                "utterance_index": int(meta["utterance_index"][i]), "speaker": meta["speaker"][i],
+                "text": meta["text"][i], "label": names[int(meta["label"][i])],
+            })
+    if len(rows) != len(true) or any(names.index(row["label"]) != t for row, t in zip(rows, true)):
+        raise RuntimeError("test utterances and their predictions are out of step")  # a bug, not bad input
+    for row, label, p in zip(rows, predicted, probabilities):
+        row["predicted"] = names[int(label)]
+        row.update({f"p_{name}": round(float(value), 6) for name, value in zip(names, p)})
+    return rows
+
+
+def write_predictions(path: Path, rows: list[dict]) -> None:
+    """Rows as JSON (a list of objects) or CSV (one column per key, in first-seen order), written
+    to a temporary file first and renamed, so an interrupted write leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    if path.suffix == ".json":
+        partial.write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+    else:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        with partial.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    os.replace(partial, path)

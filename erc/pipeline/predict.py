@@ -10,7 +10,6 @@ probability of every class.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from erc.errors import ConfigError, IncompleteShardSetError
 from erc.pipeline.corpus import Dialogue, read_manifest
 from erc.pipeline.data import collate_dialogues
-from erc.pipeline.evaluate import CHECKPOINT, load_checkpoint, load_model, resolve_device
+from erc.pipeline.evaluate import CHECKPOINT, load_checkpoint, load_model, resolve_device, write_predictions
 from erc.pipeline.extract import ExtractConfig, ShardPayload, collect_weights, extract_dialogues
 from erc.pipeline.shards import UtteranceRecord
 
@@ -163,16 +162,3 @@ def model_inputs(records: list[UtteranceRecord], checkpoint: dict, num_frames: i
         item["visual_frame_mask"] = np.stack([r.visual_frame_mask if ok else np.zeros(num_frames, bool)
                                               for r, ok in zip(records, present)])
     return item
-
-
-def write_predictions(path: Path, rows: list[dict]) -> None:
-    """Rows as JSON (a list of objects) or CSV (one column per key, in first-seen order)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
-        return
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)

@@ -116,7 +116,8 @@ def sample_weighted_focal_contrastive_loss(
     class_weight = swfc_class_weights(labels, sample_weight_power, class_counts, normalize_class_weights)
     positive = labels.unsqueeze(0) == labels.unsqueeze(1)
     positive.fill_diagonal_(False)
-    pairs = positive.view(-1).nonzero().squeeze(1)  # flat indices j·N + g of the positive pairs
+    # flat indices j·N + g of the positive pairs (on a GPU, reading their count is one host synchronisation)
+    pairs = positive.view(-1).nonzero().squeeze(1)
     # anchor weight w_{y_j} / |R_j| of each positive pair
     anchor_weight = class_weight.to(features.dtype)[labels] / positive.sum(dim=1).clamp_min(1)
     pair_weight = anchor_weight[pairs // n]

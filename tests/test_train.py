@@ -154,8 +154,8 @@ def test_evaluate_writes_each_test_utterance_with_its_prediction(cli_run, featur
     reported = json.loads((run_dir / "metrics.json").read_text())["test"]
     assert len(rows) == reported["utterances"] and not list(tmp_path.glob(".*partial"))
     shards = ShardSet(features)
-    expected = [(uid, LABELS[label]) for ref in shards.dialogues("test")
-                for uid, label in zip(shards.load(ref)["utterance_id"], shards.load(ref)["label"])]
+    expected = [(uid, LABELS[label]) for meta in map(shards.load, shards.dialogues("test"))
+                for uid, label in zip(meta["utterance_id"], meta["label"])]
     assert [(row["utterance_id"], row["label"]) for row in rows] == expected
     probabilities = np.array([[float(row[f"p_{name}"]) for name in LABELS] for row in rows])
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)

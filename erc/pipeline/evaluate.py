@@ -157,8 +157,8 @@ def evaluate_run(
     an incomplete set only with ``allow_partial``). ``predictions`` (``.csv`` or ``.json``) also gets
     one row per labeled test utterance: its ids, speaker, text, true and predicted emotion and the
     probability of every class, in the shards' order."""
-    if predictions is not None and Path(predictions).suffix not in (".csv", ".json"):
-        raise ConfigError(f"--predictions {predictions}: write predictions to a .csv or .json file")
+    if predictions is not None:
+        check_predictions_file(Path(predictions), "--predictions")
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT)
     splits = load_splits(features or checkpoint["features"], checkpoint["modalities"], seed=checkpoint["seed"],
@@ -197,6 +197,12 @@ def prediction_rows(splits: DataSplits, true: np.ndarray, predicted: np.ndarray,
         row["predicted"] = names[int(label)]
         row.update({f"p_{name}": round(float(value), 6) for name, value in zip(names, p)})
     return rows
+
+
+def check_predictions_file(path: Path, option: str) -> None:
+    """Refuse, before any work, a predictions file ``write_predictions`` cannot write (named by ``option``)."""
+    if path.suffix not in (".csv", ".json"):
+        raise ConfigError(f"{option} {path}: write predictions to a .csv or .json file")
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:

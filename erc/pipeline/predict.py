@@ -21,7 +21,9 @@ import torch
 from erc.errors import ConfigError, IncompleteShardSetError
 from erc.pipeline.corpus import Dialogue, read_manifest
 from erc.pipeline.data import collate_dialogues
-from erc.pipeline.evaluate import CHECKPOINT, load_checkpoint, load_model, resolve_device, write_predictions
+from erc.pipeline.evaluate import (
+    CHECKPOINT, check_predictions_file, load_checkpoint, load_model, resolve_device, write_predictions,
+)
 from erc.pipeline.extract import ExtractConfig, ShardPayload, collect_weights, extract_dialogues
 from erc.pipeline.shards import UtteranceRecord
 
@@ -110,8 +112,8 @@ def predict_conversation(
     leaves that modality missing for the utterance (as in extraction) and is listed under ``failures``
     of the row.
     """
-    if out is not None and Path(out).suffix not in (".csv", ".json"):
-        raise ConfigError(f"--out {out}: write predictions to a .csv or .json file")
+    if out is not None:
+        check_predictions_file(Path(out), "--out")
     torch_device = resolve_device(device)
     dialogues, payload, checkpoint, config = extract_conversation(run_dir, manifest, torch_device.type,
                                                                   allow_partial=allow_partial)

@@ -5,8 +5,9 @@ import pytest
 import torch
 from test_models import make_batch, tiny_model
 
+from erc.errors import ConfigError
 from erc.models.blocks import masked_softmax
-from erc.models.context import ReasoningModule, simam
+from erc.models.context import ReasoningModule, simam, xlstm_stack
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,3 +45,29 @@ def test_reasoning_matches_memory_through_a_linear_layer_and_simam():
         torch.testing.assert_close(out[~valid], query[~valid])
         module.match.weight.mul_(3.0)
         assert not torch.allclose(module(query, memory, valid, valid)[valid], out[valid], atol=1e-4)
+
+
+def test_xlstm_cells_and_perception_are_what_the_config_names():
+    """``xlstm_block`` picks the xLSTM cells of every recurrence (mixed: mLSTM then sLSTM blocks, as
+    in the xLSTM paper's stacks); ``perception`` picks DialogueCRN's perception encoders: its own
+    bi-LSTMs or bi-xLSTMs. The reasoning modules are xLSTMs either way (eq 1)."""
+    from xlstm.blocks.mlstm.block import mLSTMBlock
+    from xlstm.blocks.slstm.block import sLSTMBlock
+
+    def blocks(module):
+        return [type(m) for m in module.modules() if isinstance(m, (mLSTMBlock, sLSTMBlock))]
+
+    assert blocks(xlstm_stack(8, "mixed", 1, 2, 16)) == [mLSTMBlock, sLSTMBlock]
+    assert blocks(xlstm_stack(8, "mixed", 4, 2, 16)) == [mLSTMBlock, sLSTMBlock] * 2
+    assert blocks(xlstm_stack(8, "slstm", 2, 2, 16)) == [sLSTMBlock] * 2
+    with pytest.raises(ConfigError, match="xLSTM block"):
+        xlstm_stack(8, "gru")
+
+    model = tiny_model("xlstm-multiemo", xlstm_block="slstm", perception="lstm")
+    crn = model.contexts["text"]
+    assert isinstance(crn.situation_encoder.rnn, torch.nn.LSTM) and crn.situation_encoder.rnn.bidirectional
+    assert blocks(crn.situation_encoder) == [] and blocks(crn.speaker_encoder) == []
+    assert blocks(crn.situation_reasoning) == [sLSTMBlock] and blocks(crn.speaker_reasoning) == [sLSTMBlock]
+    assert blocks(tiny_model("xlstm-multiemo").contexts["text"].situation_encoder) == [mLSTMBlock] * 2
+    with pytest.raises(ConfigError, match="perception"):
+        tiny_model("xlstm-multiemo", perception="gru")

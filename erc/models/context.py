@@ -33,8 +33,9 @@ from torch.utils.checkpoint import checkpoint
 from erc.errors import ConfigError
 from erc.models.blocks import index_put, masked_softmax
 
-XLSTMBlock = Literal["mlstm", "slstm"]
+XLSTMBlock = Literal["mlstm", "slstm", "mixed"]
 XLSTMBackend = Literal["auto", "cuda", "vanilla"]
+Perception = Literal["xlstm", "lstm"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,21 +162,21 @@ def xlstm_stack(
         xLSTMBlockStackConfig,
     )
 
-    if block == "mlstm":
-        config = xLSTMBlockStackConfig(
-            mlstm_block=mLSTMBlockConfig(mlstm=mLSTMLayerConfig(conv1d_kernel_size=4, qkv_proj_blocksize=4, num_heads=num_heads)),
-            context_length=context_length, num_blocks=num_blocks, embedding_dim=dim, dropout=dropout,
-        )
-    elif block == "slstm":
-        config = xLSTMBlockStackConfig(
-            slstm_block=sLSTMBlockConfig(
-                slstm=sLSTMLayerConfig(backend="vanilla", dtype="float32", num_heads=num_heads, conv1d_kernel_size=4),
-                feedforward=FeedForwardConfig(proj_factor=1.3, act_fn="gelu"),
-            ),
-            slstm_at="all", context_length=context_length, num_blocks=num_blocks, embedding_dim=dim, dropout=dropout,
-        )
-    else:
-        raise ConfigError(f"unknown xLSTM block {block!r} (choose mlstm or slstm)")
+    if block not in ("mlstm", "slstm", "mixed"):
+        raise ConfigError(f"unknown xLSTM block {block!r} (choose mlstm, slstm or mixed)")
+    mlstm = mLSTMBlockConfig(mlstm=mLSTMLayerConfig(conv1d_kernel_size=4, qkv_proj_blocksize=4, num_heads=num_heads))
+    slstm = sLSTMBlockConfig(
+        slstm=sLSTMLayerConfig(backend="vanilla", dtype="float32", num_heads=num_heads, conv1d_kernel_size=4),
+        feedforward=FeedForwardConfig(proj_factor=1.3, act_fn="gelu"),
+    )
+    if block == "mixed":
+        num_blocks = max(num_blocks, 2)
+    config = xLSTMBlockStackConfig(
+        mlstm_block=mlstm if block != "slstm" else None,
+        slstm_block=slstm if block != "mlstm" else None,
+        slstm_at={"mlstm": [], "slstm": "all", "mixed": list(range(1, num_blocks, 2))}[block],
+        context_length=context_length, num_blocks=num_blocks, embedding_dim=dim, dropout=dropout,
+    )
     return xLSTMBlockStack(config)
 
 
@@ -531,8 +532,9 @@ class DialogueCRN(nn.Module):
     speaker's own utterances gives speaker-level states c^v (both 2·hidden wide). Cognition: q^(0)
     = W_q c + b_q (4·hidden), then ``situation_steps`` / ``speaker_steps`` reasoning turns against
     the c^s / c^v memories (0 turns = no reasoning at that level). Output: ReLU([q^s; q^v]) with
-    dropout, 8·hidden wide, zero outside the utterances that get a query. ``gradient_checkpointing``
-    applies to all its xLSTMs.
+    dropout, 8·hidden wide, zero outside the utterances that get a query. ``perception="lstm"``
+    makes the two perception encoders DialogueCRN's own bi-LSTMs (the reasoning stays xLSTM).
+    ``gradient_checkpointing`` applies to all its xLSTMs.
     """
 
     def __init__(
@@ -549,12 +551,19 @@ class DialogueCRN(nn.Module):
         context_length: int = 512,
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        perception: Perception = "xlstm",
     ) -> None:
         super().__init__()
+        if perception not in ("xlstm", "lstm"):
+            raise ConfigError(f"perception must be 'xlstm' or 'lstm', got {perception!r}")
         self.num_speakers = num_speakers
         memory_dim = 2 * hidden_dim
-        encoder = lambda: XLSTMEncoder(  # noqa: E731
-            input_dim, hidden_dim, True, block, num_blocks, num_heads, context_length, dropout, gradient_checkpointing
+        encoder = lambda: (  # noqa: E731
+            XLSTMEncoder(
+                input_dim, hidden_dim, True, block, num_blocks, num_heads, context_length, dropout, gradient_checkpointing
+            )
+            if perception == "xlstm"
+            else RecurrentEncoder(input_dim, hidden_dim, bidirectional=True, cell="lstm")
         )
         self.situation_encoder, self.speaker_encoder = encoder(), encoder()
         self.query_init = nn.Linear(memory_dim, 2 * memory_dim)

@@ -39,7 +39,7 @@ from erc.models.blocks import (
     check_speakers,
     modality_inputs,
 )
-from erc.models.context import DialogueCRN, XLSTMBlock
+from erc.models.context import DialogueCRN, Perception, XLSTMBlock
 from erc.models.losses import FusionLossConfig, fusion_loss
 
 
@@ -50,7 +50,11 @@ class XLSTMMultiEMOConfig(FusionLossConfig):
     ``context_hidden_dim`` is DialogueCRN's per-direction width d_u (its output is 8·d_u);
     ``situation_steps`` / ``speaker_steps`` its reasoning turns (not given by the paper; IEMOCAP
     uses DialogueCRN's published 3 / 4). ``max_dialogue_length`` bounds the positional table and
-    the xLSTM context. ``gradient_checkpointing`` recomputes the activations of the xLSTMs,
+    the xLSTM context. ``xlstm_block`` names the xLSTM cells of every recurrence: mLSTM (matrix
+    memory, parallel form), sLSTM (scalar memory, recurrent) or ``mixed`` (mLSTM then sLSTM
+    blocks); the paper names the properties of both and not the blocks. ``perception``: the
+    perception encoders are bi-xLSTMs, or DialogueCRN's own bi-LSTMs (``lstm``; the paper describes
+    only the reasoning module, whose core is the xLSTM). ``gradient_checkpointing`` recomputes the activations of the xLSTMs,
     the modality encoder and MultiAttn in the backward pass instead of storing them (same
     results, much less memory, more time).
     """
@@ -66,6 +70,7 @@ class XLSTMMultiEMOConfig(FusionLossConfig):
     context_hidden_dim: int = 128
     situation_steps: int = 3
     speaker_steps: int = 4
+    perception: Perception = "xlstm"
     xlstm_block: XLSTMBlock = "mlstm"
     xlstm_num_blocks: int = 1
     xlstm_num_heads: int = 4
@@ -85,8 +90,10 @@ class XLSTMMultiEMOConfig(FusionLossConfig):
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
         check_modalities(self.modalities, self.input_dims)
-        if self.xlstm_block not in ("mlstm", "slstm"):
-            raise ConfigError(f"xlstm_block must be 'mlstm' or 'slstm', got {self.xlstm_block!r}")
+        if self.xlstm_block not in ("mlstm", "slstm", "mixed"):
+            raise ConfigError(f"xlstm_block must be 'mlstm', 'slstm' or 'mixed', got {self.xlstm_block!r}")
+        if self.perception not in ("xlstm", "lstm"):
+            raise ConfigError(f"perception must be 'xlstm' or 'lstm', got {self.perception!r}")
         self._check_loss()
 
     def projected_dim(self, modality: str) -> int:
@@ -106,7 +113,7 @@ class XLSTMMultiEMO(nn.Module):
                 m: DialogueCRN(
                     c.projected_dim(m), c.context_hidden_dim, c.num_speakers, c.situation_steps, c.speaker_steps,
                     c.xlstm_block, c.xlstm_num_blocks, c.xlstm_num_heads, c.use_simam, c.max_dialogue_length, c.dropout,
-                    c.gradient_checkpointing,
+                    c.gradient_checkpointing, c.perception,
                 )
                 for m in c.modalities
             }

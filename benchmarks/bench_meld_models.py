@@ -80,6 +80,37 @@ def logistic_regression(features: Path) -> dict:
             "train_utterances": int(len(train_y)), "test_utterances": int(len(test_y))}
 
 
+def same_model_config(cached_config: Path, parsed) -> bool:
+    """Whether a cached run's model config is what the spec resolves to today (each field it records)."""
+    import dataclasses
+
+    import yaml
+
+    from erc.models.registry import build_config
+
+    recorded = yaml.safe_load(cached_config.read_text())
+    was = recorded["model_config"]
+    data = {"num_speakers": was["num_speakers"], "modalities": was["modalities"]}
+    now = dataclasses.asdict(build_config(parsed.model, input_dims=was["input_dims"], num_classes=was["num_classes"],
+                                          preset=recorded["preset"], overrides={**data, **dict(parsed.overrides)}))
+    now["modalities"] = list(now["modalities"])
+    return all(now.get(key) == value for key, value in was.items())
+
+
+def reusable_run(out: Path, parsed) -> Path:
+    """The summary file of a cached run in ``out``; an interrupted run, or one cached with another model
+    config than ``parsed`` resolves to today, is removed first (so the summary does not exist)."""
+    import shutil
+
+    cached = out / "summary.json"
+    if cached.exists() and not same_model_config(out / "config.yaml", parsed):
+        print(f"{out}: cached with another model config (a preset or default changed since); running again")
+        cached.unlink()
+    if not cached.exists() and out.exists():
+        shutil.rmtree(out)
+    return cached
+
+
 def run_spec(features: Path, spec: str, seeds: int, work: Path, epochs: int | None) -> list[dict]:
     """``erc train`` of one run spec (``model`` or ``model[settings]``) for every seed, cached per run."""
     from erc.pipeline.compare import parse_run_spec
@@ -90,12 +121,8 @@ def run_spec(features: Path, spec: str, seeds: int, work: Path, epochs: int | No
     for seed in range(seeds):
         name = spec.replace("[", "_").replace("]", "").replace(";", "_") + (f"_e{epochs}" if epochs else "")
         out = work / "runs" / name / f"seed{seed}"
-        cached = out / "summary.json"
+        cached = reusable_run(out, parsed)
         if not cached.exists():
-            if out.exists():  # an interrupted run
-                import shutil
-
-                shutil.rmtree(out)
             started = time.perf_counter()
             result = train(TrainConfig(model=parsed.model, features=features, out=out, seed=seed, device="cpu",
                                        epochs=epochs, model_overrides=dict(parsed.overrides)))

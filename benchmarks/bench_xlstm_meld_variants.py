@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_meld_models import extract_features, logistic_regression, print_and_write  # noqa: E402
+from bench_meld_models import extract_features, logistic_regression, print_and_write, reusable_run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xlstm_meld_variants.md"
 VARIANTS = "|".join([
-    "xlstm-multiemo",  # the default model: baseline
+    "xlstm-multiemo",  # the default model (MELD preset: sLSTM cells): baseline
+    "xlstm-multiemo[xlstm_block=mlstm]",  # mLSTM cells, the default before session 10
     "xlstm-multiemo[no-modality-encoder]",  # DialogueCRN -> Conv1d -> classifier
     "xlstm-multiemo[no-context]",  # Conv1d -> positions -> transformers -> classifier
 ])
@@ -43,12 +44,8 @@ def run_variant(features: Path, spec: str, seed: int, lr: float, epochs: int, wo
     parsed = parse_run_spec(spec)
     name = spec.replace("[", "_").replace("]", "").replace(";", "_").replace("=", "-")
     out = work / "variants" / f"{name}_lr{lr:g}_e{epochs}" / f"seed{seed}"
-    cached = out / "summary.json"
+    cached = reusable_run(out, parsed)
     if not cached.exists():
-        if out.exists():  # an interrupted run
-            import shutil
-
-            shutil.rmtree(out)
         started = time.perf_counter()
         result = train(TrainConfig(model=parsed.model, features=features, out=out, seed=seed, device="cpu", lr=lr,
                                    epochs=epochs, model_overrides=dict(parsed.overrides)))

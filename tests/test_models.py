@@ -79,7 +79,8 @@ def test_gradients_reach_every_parameter(name):
 @pytest.mark.parametrize(
     "name, overrides",
     [("multiemo", {}), ("multiemo", {"dialoguernn_bidirectional": False}), ("xlstm-multiemo", {}),
-     ("xlstm-multiemo", {"xlstm_block": "slstm"})],
+     ("xlstm-multiemo", {"xlstm_block": "slstm"}), ("xlstm-multiemo", {"xlstm_block": "mixed"}),
+     ("xlstm-multiemo", {"xlstm_block": "slstm", "perception": "lstm"})],
 )
 def test_dialogue_outputs_do_not_depend_on_batch_padding(name, overrides):
     model = tiny_model(name, **overrides).eval()
@@ -212,6 +213,8 @@ def test_registry_presets_carry_the_papers_hyperparameters():
     assert "text" not in meld.context_modalities and meld.num_speakers == 9
     xlstm_meld = build_config("xlstm-multiemo", input_dims=iemocap_dims, num_classes=7, preset="meld")
     assert (xlstm_meld.num_layers, xlstm_meld.temperature, xlstm_meld.focusing) == (2, 0.9, 3.0)
+    xlstm_iemocap = build_config("xlstm-multiemo", input_dims=iemocap_dims, num_classes=6, preset="iemocap")
+    assert (xlstm_meld.xlstm_block, xlstm_iemocap.xlstm_block) == ("slstm", "mlstm")  # measured choices, see the preset
 
     train = train_hyperparameters("multiemo", "iemocap")
     assert (train.epochs, train.batch_size, train.lr, train.weight_decay, train.betas) == (100, 64, 1e-4, 1e-5, (0.9, 0.99))

@@ -52,11 +52,12 @@ class XLSTMMultiEMOConfig(FusionLossConfig):
     uses DialogueCRN's published 3 / 4). ``max_dialogue_length`` bounds the positional table and
     the xLSTM context. ``xlstm_block`` names the xLSTM cells of every recurrence: mLSTM (matrix
     memory, parallel form), sLSTM (scalar memory, recurrent) or ``mixed`` (mLSTM then sLSTM
-    blocks); the paper names the properties of both and not the blocks. ``perception``: the
-    perception encoders are bi-xLSTMs, or DialogueCRN's own bi-LSTMs (``lstm``; the paper describes
-    only the reasoning module, whose core is the xLSTM). ``gradient_checkpointing`` recomputes the activations of the xLSTMs,
-    the modality encoder and MultiAttn in the backward pass instead of storing them (same
-    results, much less memory, more time).
+    blocks); the paper names the properties of both and not the blocks (the MELD preset uses
+    sLSTM, measured better there). ``perception``: the perception encoders are bi-xLSTMs, or
+    DialogueCRN's own bi-LSTMs (``lstm``; the paper describes only the reasoning module, whose core
+    is the xLSTM). ``gradient_checkpointing`` recomputes the activations of the xLSTMs, the
+    modality encoder and MultiAttn in the backward pass instead of storing them (same results,
+    much less memory, more time).
     """
 
     temperature: float = 0.9

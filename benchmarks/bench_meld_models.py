@@ -137,11 +137,17 @@ def run_spec(features: Path, spec: str, seeds: int, work: Path, epochs: int | No
     return runs
 
 
+NOTES_MARKER = "<!-- notes below: written by hand, kept when the table above is regenerated -->"
+
+
 def print_and_write(lines: list[str], path: Path) -> None:
-    """Print a results page and write it to ``path``."""
+    """Print a results page and write it to ``path``, keeping what follows ``NOTES_MARKER`` there."""
     print("\n".join(lines))
+    notes = ""
+    if path.exists() and NOTES_MARKER in (old := path.read_text()):
+        notes = "\n" + NOTES_MARKER + old.split(NOTES_MARKER, 1)[1]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + notes)
     print(f"wrote {path}")
 
 

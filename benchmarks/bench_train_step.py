@@ -44,6 +44,7 @@ CASES = {  # name: (model, dialogues, overrides, precision, target seconds, targ
     "multiemo-32-bf16-store": ("multiemo", 32, {"gradient_checkpointing": False}, "bf16", None, None),
     "multiemo-64-bf16": ("multiemo", 64, {}, "bf16", 7.0, 4.0),
     "xlstm-multiemo-32": ("xlstm-multiemo", 32, {}, "fp32", None, None),
+    "xlstm-multiemo-32-slstm": ("xlstm-multiemo", 32, {"xlstm_block": "slstm"}, "fp32", None, None),  # MELD's cells
     "lmam-32": ("lmam", 32, {}, "fp32", None, None),
     "pairwise-32": ("pairwise", 32, {}, "fp32", None, None),
     "mcn-cl-32": ("mcn-cl", 32, {}, "fp32", None, None),

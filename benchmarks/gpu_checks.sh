@@ -39,7 +39,7 @@ baseline_args=()
 timeout "$STEP_S" "$PY" benchmarks/bench_train_step.py --device cuda --repeats 3 --cases multiemo-32,multiemo-64 \
     "${baseline_args[@]}" > "$OUT/step_fp32_baseline.md" 2>&1 || stamp "fp32 baseline table: exit $?"
 timeout "$STEP_S" "$PY" benchmarks/bench_train_step.py --device cuda --repeats 3 \
-    --cases multiemo-32-store,lmam-32,pairwise-32,mcn-cl-32,xlstm-multiemo-32 > "$OUT/step_fp32.md" 2>&1 || stamp "fp32 table: exit $?"
+    --cases multiemo-32-store,lmam-32,pairwise-32,mcn-cl-32,xlstm-multiemo-32,xlstm-multiemo-32-slstm > "$OUT/step_fp32.md" 2>&1 || stamp "fp32 table: exit $?"
 stamp "step table bf16"
 timeout "$STEP_S" "$PY" benchmarks/bench_train_step.py --device cuda --repeats 3 --precision bf16 \
     --cases multiemo-32,multiemo-64,lmam-32,pairwise-32,mcn-cl-32,xlstm-multiemo-32 > "$OUT/step_bf16.md" 2>&1 || stamp "bf16 table: exit $?"

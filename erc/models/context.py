@@ -22,7 +22,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,8 @@ from erc.models.blocks import index_put, masked_softmax
 XLSTMBlock = Literal["mlstm", "slstm", "mixed"]
 XLSTMBackend = Literal["auto", "cuda", "vanilla"]
 Perception = Literal["xlstm", "lstm"]
+XLSTM_BLOCKS: tuple[str, ...] = get_args(XLSTMBlock)
+PERCEPTIONS: tuple[str, ...] = get_args(Perception)
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +164,8 @@ def xlstm_stack(
         xLSTMBlockStackConfig,
     )
 
-    if block not in ("mlstm", "slstm", "mixed"):
-        raise ConfigError(f"unknown xLSTM block {block!r} (choose mlstm, slstm or mixed)")
+    if block not in XLSTM_BLOCKS:
+        raise ConfigError(f"unknown xLSTM block {block!r} (choose one of {', '.join(XLSTM_BLOCKS)})")
     mlstm = mLSTMBlockConfig(mlstm=mLSTMLayerConfig(conv1d_kernel_size=4, qkv_proj_blocksize=4, num_heads=num_heads))
     slstm = sLSTMBlockConfig(
         slstm=sLSTMLayerConfig(backend="vanilla", dtype="float32", num_heads=num_heads, conv1d_kernel_size=4),
@@ -554,8 +556,8 @@ class DialogueCRN(nn.Module):
         perception: Perception = "xlstm",
     ) -> None:
         super().__init__()
-        if perception not in ("xlstm", "lstm"):
-            raise ConfigError(f"perception must be 'xlstm' or 'lstm', got {perception!r}")
+        if perception not in PERCEPTIONS:
+            raise ConfigError(f"perception must be one of {', '.join(PERCEPTIONS)}, got {perception!r}")
         self.num_speakers = num_speakers
         memory_dim = 2 * hidden_dim
         encoder = lambda: (  # noqa: E731

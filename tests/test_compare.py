@@ -67,6 +67,13 @@ def test_compare_two_models_two_seeds(features, tmp_path):  # noqa: F811
     assert f"| concat | concat | {mean:.2f} ± {std:.2f} |" in table
     assert f"{concat_params:,}" in table and all(name in table for name in LABELS)
     assert "concat vs MultiEMO text+audio: Δ =" in table and "seed spread" in table
+    # each difference rescored from the best checkpoints, with its interval over the test dialogues
+    [difference] = json.loads((out / "differences.json").read_text())
+    assert (difference["a"], difference["b"]) == ("concat", "MultiEMO text+audio")
+    means = [100 * sum(r["test"]["weighted_f1"] for r in entry["runs"]) / 2 for entry in results]
+    assert difference["weighted_f1_difference"] == pytest.approx(means[0] - means[1], abs=1e-6)
+    low, high = difference["interval_95"]
+    assert low < high and f"test-dialogue interval [{low:+.2f}, {high:+.2f}]" in table
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "comparison.md" in result.output.replace("\n", "")
 

@@ -25,10 +25,14 @@ one such mapping per model name.
 Each spec is trained once per seed (0 .. seeds-1) by :func:`erc.pipeline.train.train`; run
 directories go to ``OUT/runs/<label>/seed<k>``. The summary is ``OUT/comparison.md`` (mean ± std
 over seeds of test weighted F1 and accuracy, per-class F1, parameter count, seconds per training
-epoch, and which differences exceed the seed spread), ``OUT/comparison.png`` and
-``OUT/results.json``. A difference between two specs counts as larger than the seed spread when
-|Δ mean| > std_a + std_b (sample standard deviations over seeds); with one seed there is no
-spread and nothing is claimed.
+epoch, and which differences exceed the seed spread and the test set's sampling),
+``OUT/comparison.png``, ``OUT/results.json`` and ``OUT/differences.json``. A difference between two
+specs counts as larger than the seed spread when |Δ mean| > std_a + std_b (sample standard
+deviations over seeds); with one seed there is no spread and nothing is claimed. Seeds do not
+measure how much a score owes to the particular test dialogues, so each difference also gets a 95%
+interval from a paired bootstrap over the test dialogues
+(:func:`erc.pipeline.evaluate.dialogue_bootstrap_difference`, every run rescored from its best
+checkpoint); the test set resolves a difference only where that interval excludes 0.
 """
 
 from __future__ import annotations
@@ -43,12 +47,20 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from erc.errors import ConfigError
 from erc.models.registry import MODELS
-from erc.pipeline.evaluate import CHECKPOINT, load_checkpoint, load_model
+from erc.pipeline.evaluate import (
+    CHECKPOINT,
+    dialogue_bootstrap_difference,
+    load_checkpoint,
+    load_model,
+    predict_test_split,
+    prediction_rows,
+)
 from erc.pipeline.plots import plt
 from erc.pipeline.train import TrainConfig, TrainResult, read_yaml_mapping, train
 
@@ -129,6 +141,7 @@ class CompareConfig:
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | auto, see TrainConfig
     allow_partial: bool = False  # train on an incomplete shard set (see TrainConfig)
+    bootstrap_resamples: int = 2000  # of the test dialogues, for each difference's interval
 
 
 @dataclass
@@ -138,6 +151,7 @@ class RunSummary:
     spec: RunSpec
     runs: list[dict[str, Any]]  # per seed: seed, run_dir, test metrics, seconds per epoch
     parameters: int
+    test_predicted: np.ndarray | None = None  # (seeds, test utterances) predicted labels, set by ``compare``
 
     def values(self, metric: str) -> list[float]:
         return [r["test"][metric] for r in self.runs]
@@ -231,8 +245,19 @@ def compare(
             if on_run is not None:
                 on_run(spec, seed, result)
         summaries.append(RunSummary(spec, runs, _parameter_count(Path(runs[0]["run_dir"]))))
+    true, dialogues = _test_predictions(summaries, config)
+    intervals = {
+        (a.spec.label, b.spec.label): dialogue_bootstrap_difference(
+            true, a.test_predicted, b.test_predicted, dialogues, resamples=config.bootstrap_resamples)
+        for a, b in combinations(summaries, 2)
+    }
     markdown, plot, results = out / "comparison.md", out / "comparison.png", out / "results.json"
-    markdown.write_text(comparison_markdown(summaries, config.seeds))
+    markdown.write_text(comparison_markdown(summaries, config.seeds, intervals))
+    (out / "differences.json").write_text(json.dumps([  # in points; the difference rescored from the checkpoints
+        {"a": a, "b": b, "weighted_f1_difference": intervals[a, b][0], "beyond_seed_spread": beyond,
+         "interval_95": list(intervals[a, b][1:])}
+        for a, b, _, beyond in spread_differences(summaries)
+    ], indent=2))
     plot_comparison(summaries, plot)
     results.write_text(json.dumps(
         [{"label": s.spec.label, "model": s.spec.model, "overrides": s.spec.overrides,
@@ -240,6 +265,26 @@ def compare(
         indent=2, default=str,
     ))
     return ComparisonResult(summaries, markdown, plot, results)
+
+
+def _test_predictions(summaries: list[RunSummary], config: CompareConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Rescore every run's best checkpoint on the test split, filling each summary's
+    ``test_predicted``; returns the true labels and the dialogue of each test utterance."""
+    true = dialogues = None
+    for summary in summaries:
+        predicted = []
+        for run in summary.runs:
+            splits, labels, labels_predicted, probabilities = predict_test_split(
+                Path(run["run_dir"]), config.features, device=config.device, allow_partial=config.allow_partial)
+            if true is None:
+                true = labels
+                rows = prediction_rows(splits, labels, labels_predicted, probabilities)
+                dialogues = np.array([row["dialogue_id"] for row in rows])
+            elif not np.array_equal(labels, true):
+                raise RuntimeError("the runs of one comparison saw different test utterances")  # a bug, not bad input
+            predicted.append(labels_predicted)
+        summary.test_predicted = np.stack(predicted)
+    return true, dialogues
 
 
 def spread_differences(summaries: list[RunSummary], metric: str = "weighted_f1") -> list[tuple[str, str, float, bool]]:
@@ -251,7 +296,10 @@ def spread_differences(summaries: list[RunSummary], metric: str = "weighted_f1")
     ]
 
 
-def comparison_markdown(summaries: list[RunSummary], seeds: int) -> str:
+def comparison_markdown(
+    summaries: list[RunSummary], seeds: int, intervals: dict[tuple[str, str], tuple[float, float, float]] | None = None,
+) -> str:
+    """The comparison table; ``intervals[a, b]`` is ``dialogue_bootstrap_difference`` of a against b."""
     pct = lambda s, metric: f"{100 * s.mean(metric):.2f} ± {100 * s.std(metric):.2f}"  # noqa: E731
     lines = [
         f"# Model comparison ({seeds} seed{'s' if seeds > 1 else ''} each, test split, mean ± std in %)", "",
@@ -267,17 +315,25 @@ def comparison_markdown(summaries: list[RunSummary], seeds: int) -> str:
     for s in summaries:
         per_class = s.per_class_mean()
         lines.append(f"| {s.spec.label} | " + " | ".join(f"{100 * per_class[n]:.2f}" for n in names) + " |")
-    lines += ["", "## Differences in weighted F1 against the seed spread", ""]
-    if seeds < 2:
-        lines.append("One seed per run: there is no seed spread, so no difference is claimed.")
-    elif len(summaries) < 2:
+    lines += ["", "## Differences in weighted F1 against the seed spread and the test set", ""]
+    if len(summaries) < 2:
         lines.append("Only one run: nothing to compare.")
     else:
-        lines.append("A difference counts as larger than the seed spread when |Δ mean| > std_a + std_b.")
+        lines.append(
+            "A difference counts as larger than the seed spread when |Δ mean| > std_a + std_b (with one seed "
+            "there is no spread and nothing is claimed). The interval is a paired bootstrap over the test "
+            "dialogues (95%): the test set resolves the difference only where it excludes 0."
+        )
         lines.append("")
         for a, b, delta, beyond in spread_differences(summaries):
-            verdict = "larger than the seed spread" if beyond else "within the seed spread"
-            lines.append(f"- {a} vs {b}: Δ = {100 * delta:+.2f} points, {verdict}")
+            verdict = ("one seed: no spread" if seeds < 2
+                       else "larger than the seed spread" if beyond else "within the seed spread")
+            line = f"- {a} vs {b}: Δ = {100 * delta:+.2f} points, {verdict}"
+            if intervals is not None and (a, b) in intervals:
+                _, low, high = intervals[a, b]
+                resolved = "resolved by" if low > 0 or high < 0 else "not resolved by"
+                line += f"; test-dialogue interval [{low:+.2f}, {high:+.2f}], {resolved} the test set"
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 

@@ -124,6 +124,46 @@ def classification_metrics(true: np.ndarray, predicted: np.ndarray, label_names:
     }
 
 
+def dialogue_bootstrap_difference(
+    true: np.ndarray, predicted: np.ndarray, reference: np.ndarray, dialogues: np.ndarray, *,
+    resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
+) -> tuple[float, float, float]:
+    """How much higher some runs score than others on one test set, and how sure that is.
+
+    ``predicted`` (R, N) and ``reference`` (R', N): the predicted labels of two sets of runs (e.g. the
+    seeds of two models; a single (N,) row is one run) for N utterances; ``true`` (N,); ``dialogues``
+    (N,) the dialogue of each utterance. Returns (difference, low, high) in weighted-F1 points: the
+    mean weighted F1 of ``predicted``'s runs minus that of ``reference``'s, and its ``confidence``
+    interval from a paired bootstrap over DIALOGUES (``scipy.stats.bootstrap``, percentile method):
+    each resample draws the dialogues with replacement and scores every run of both sets on the same
+    draw. The utterances of a dialogue are not independent, so they are resampled together. The
+    interval is the uncertainty that the test set's finite size leaves, which no number of training
+    seeds removes.
+    """
+    from scipy.stats import bootstrap
+
+    predicted, reference = np.atleast_2d(predicted), np.atleast_2d(reference)
+    if not (len(true) == predicted.shape[1] == reference.shape[1] == len(dialogues)):
+        raise ValueError("true, predicted, reference and dialogues must cover the same utterances")
+    groups = np.unique(dialogues, return_inverse=True)[1]
+    members = [np.flatnonzero(groups == g) for g in range(groups.max() + 1)]
+    labels = np.unique(true)
+
+    def difference(drawn: np.ndarray) -> float:
+        rows = np.concatenate([members[g] for g in drawn])
+        mean_score = lambda runs: float(np.mean([  # noqa: E731
+            f1_score(true[rows], run[rows], labels=labels, average="weighted", zero_division=0) for run in runs
+        ]))
+        return 100 * (mean_score(predicted) - mean_score(reference))
+
+    everything = np.arange(len(members))
+    interval = bootstrap(
+        (everything,), difference, vectorized=False, n_resamples=resamples, confidence_level=confidence,
+        method="percentile", rng=np.random.default_rng(seed),
+    ).confidence_interval
+    return difference(everything), float(interval.low), float(interval.high)
+
+
 def save_checkpoint(path: Path, module: nn.Module, **record: Any) -> None:
     """The weights plus what :func:`load_model` needs to rebuild the model (name, config, label names...)."""
     torch.save({"state_dict": module.state_dict(), **record}, path)
@@ -149,16 +189,12 @@ def load_model(checkpoint: dict[str, Any], device: torch.device) -> nn.Module:
     return model
 
 
-def evaluate_run(
+def predict_test_split(
     run_dir: Path, features: Path | None = None, *, device: str = "auto", allow_partial: bool = False,
-    predictions: Path | None = None,
-) -> dict[str, Any]:
-    """Test metrics of ``run_dir``'s best checkpoint on the shard set it was trained on (or ``features``;
-    an incomplete set only with ``allow_partial``). ``predictions`` (``.csv`` or ``.json``) also gets
-    one row per labeled test utterance: its ids, speaker, text, true and predicted emotion and the
-    probability of every class, in the shards' order."""
-    if predictions is not None:
-        check_predictions_file(Path(predictions), "--predictions")
+) -> tuple[DataSplits, np.ndarray, np.ndarray, np.ndarray]:
+    """(splits, true, predicted, probabilities): ``run_dir``'s best checkpoint on the test split of
+    the shard set it was trained on (or ``features``, which must hold the same extraction; an
+    incomplete set only with ``allow_partial``), in ``prediction_rows`` order."""
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT)
     splits = load_splits(features or checkpoint["features"], checkpoint["modalities"], seed=checkpoint["seed"],
@@ -173,7 +209,21 @@ def evaluate_run(
     model = load_model(checkpoint, torch_device)
     test = DialogueDataset(splits.shards, splits.test, splits.modalities, frames=checkpoint["frames"])
     loader = make_loader(test, checkpoint["batch_size"], shuffle=False, pin_memory=torch_device.type == "cuda")
-    true, predicted, probabilities = predict_probabilities(model, loader, torch_device)
+    return splits, *predict_probabilities(model, loader, torch_device)
+
+
+def evaluate_run(
+    run_dir: Path, features: Path | None = None, *, device: str = "auto", allow_partial: bool = False,
+    predictions: Path | None = None,
+) -> dict[str, Any]:
+    """Test metrics of ``run_dir``'s best checkpoint on the shard set it was trained on (or ``features``;
+    an incomplete set only with ``allow_partial``). ``predictions`` (``.csv`` or ``.json``) also gets
+    one row per labeled test utterance: its ids, speaker, text, true and predicted emotion and the
+    probability of every class, in the shards' order."""
+    if predictions is not None:
+        check_predictions_file(Path(predictions), "--predictions")
+    splits, true, predicted, probabilities = predict_test_split(run_dir, features, device=device,
+                                                                allow_partial=allow_partial)
     if predictions is not None:
         write_predictions(Path(predictions), prediction_rows(splits, true, predicted, probabilities))
     return classification_metrics(true, predicted, splits.label_names)

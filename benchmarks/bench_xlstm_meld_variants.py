@@ -23,7 +23,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_meld_models import cached_floor, extract_features, print_and_write, spec_dirname, train_cached  # noqa: E402
+from bench_meld_models import (  # noqa: E402
+    cached_floor,
+    extract_features,
+    floor_difference,
+    interval_text,
+    print_and_write,
+    spec_dirname,
+    train_cached,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xlstm_meld_variants.md"
 VARIANTS = "|".join([
@@ -37,7 +45,7 @@ VARIANTS = "|".join([
 def run_variant(features: Path, spec: str, seed: int, lr: float, epochs: int, work: Path) -> dict:
     """One cached ``erc train`` run of a variant at ``lr`` for ``epochs`` (see ``train_cached``)."""
     out = work / "variants" / f"{spec_dirname(spec)}_lr{lr:g}_e{epochs}" / f"seed{seed}"
-    return train_cached(features, spec, seed, out, lr=lr, epochs=epochs)
+    return {**train_cached(features, spec, seed, out, lr=lr, epochs=epochs), "run_dir": out}
 
 
 def main() -> None:
@@ -64,6 +72,7 @@ def main() -> None:
             "spec": spec, "dev": statistics.fmean(100 * r["dev"]["weighted_f1"] for r in runs),
             "tests": [100 * r["test"]["weighted_f1"] for r in runs], "epochs": [r["best_epoch"] for r in runs],
             "minutes": statistics.fmean(r["minutes"] for r in runs),
+            "difference": floor_difference(features, [r["run_dir"] for r in runs]),
         })
         print(f"  {spec}: test {', '.join(f'{t:.2f}' for t in rows[-1]['tests'])}", flush=True)
     baseline = statistics.fmean(rows[0]["tests"])
@@ -71,10 +80,12 @@ def main() -> None:
         f"# xlstm-multiemo variants on MELD text (lr {args.lr:g}, {args.epochs} epochs, {args.seeds} seeds)", "",
         "Command: `python benchmarks/bench_xlstm_meld_variants.py`; features and floor as in meld_models.md. "
         f"Logistic-regression floor: **{floor:.2f}**. Baseline: the first row.", "",
-        "| variant | best dev W-F1 (mean) | test W-F1 per seed | test mean | vs baseline | best epochs | minutes per run |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | best dev W-F1 (mean) | test W-F1 per seed | test mean | vs baseline | − floor [95% interval over "
+        "test dialogues] | best epochs | minutes per run |",
+        "|---|---|---|---|---|---|---|---|",
         *(f"| `{r['spec']}` | {r['dev']:.2f} | {', '.join(f'{t:.2f}' for t in r['tests'])} "
           f"| {statistics.fmean(r['tests']):.2f} | {statistics.fmean(r['tests']) - baseline:+.2f} "
+          f"| {interval_text(*r['difference'])} "
           f"| {', '.join(map(str, r['epochs']))} | {r['minutes']:.1f} |" for r in rows),
     ]
     print_and_write(lines, RESULTS)

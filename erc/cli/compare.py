@@ -35,7 +35,8 @@ def compare_command(
     precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto: the forward pass's precision in training")] = "fp32",
     allow_partial: Annotated[bool, typer.Option(help="accept an incomplete shard set (an extraction stopped early)")] = False,
 ) -> None:
-    """Train models and ablations over several seeds; write comparison.md, comparison.png, results.json."""
+    """Train models and ablations over several seeds; write comparison.md, comparison.png, results.json,
+    differences.json (each pair's difference with its 95% interval over the test dialogues)."""
     from erc.pipeline.compare import CompareConfig, compare, split_specs
 
     def on_run(spec, seed, result) -> None:
@@ -54,4 +55,5 @@ def compare_command(
     except ErcError as exc:
         raise fail(exc) from None
     console.print(result.markdown.read_text(), highlight=False, markup=False)
-    console.print(f"table {result.markdown}, plot {result.plot}, raw results {result.results}", markup=False)
+    console.print(f"table {result.markdown}, plot {result.plot}, raw results {result.results}, "
+                  f"differences {result.differences}", markup=False)

@@ -177,6 +177,7 @@ class ComparisonResult:
     markdown: Path
     plot: Path
     results: Path
+    differences: Path
 
 
 def _slug(label: str) -> str:
@@ -252,8 +253,9 @@ def compare(
         for a, b in combinations(summaries, 2)
     }
     markdown, plot, results = out / "comparison.md", out / "comparison.png", out / "results.json"
+    differences = out / "differences.json"
     markdown.write_text(comparison_markdown(summaries, config.seeds, intervals))
-    (out / "differences.json").write_text(json.dumps([  # in points; the difference rescored from the checkpoints
+    differences.write_text(json.dumps([  # in points; the difference rescored from the checkpoints
         {"a": a, "b": b, "weighted_f1_difference": intervals[a, b][0], "beyond_seed_spread": beyond,
          "interval_95": list(intervals[a, b][1:])}
         for a, b, _, beyond in spread_differences(summaries)
@@ -264,7 +266,7 @@ def compare(
           "modalities": s.spec.modalities, "parameters": s.parameters, "runs": s.runs} for s in summaries],
         indent=2, default=str,
     ))
-    return ComparisonResult(summaries, markdown, plot, results)
+    return ComparisonResult(summaries, markdown, plot, results, differences)
 
 
 def _test_predictions(summaries: list[RunSummary], config: CompareConfig) -> tuple[np.ndarray, np.ndarray]:

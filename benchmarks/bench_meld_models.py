@@ -23,6 +23,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +78,11 @@ def split_arrays(features: Path, split: str) -> SplitArrays:
     return SplitArrays(np.concatenate(x), np.concatenate(y), utterance_ids, dialogue_ids)
 
 
+@cache
 def fit_floor(features: Path):
     """The per-utterance linear floor: a logistic regression on the standardised training vectors
-    (scikit-learn defaults otherwise), and the test split it is scored on."""
+    (scikit-learn defaults otherwise), and the test split it is scored on; fitted once per shard set
+    and process (every table row's interval compares against it)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler

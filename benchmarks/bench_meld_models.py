@@ -150,8 +150,7 @@ def same_model_config(cached_config: Path, parsed) -> bool:
     data = {key: was[key] for key in ("num_speakers", "modalities") if key in was}  # set from the data
     now = dataclasses.asdict(build_config(parsed.model, input_dims=was["input_dims"], num_classes=was["num_classes"],
                                           preset=recorded["preset"], overrides={**data, **dict(parsed.overrides)}))
-    if "modalities" in now:
-        now["modalities"] = list(now["modalities"])  # a tuple in the config, a list in the YAML
+    now = json.loads(json.dumps(now))  # tuples in the config (modalities, context_modalities) are lists in the YAML
     return now.keys() == was.keys() and all(now[key] == value for key, value in was.items())
 
 

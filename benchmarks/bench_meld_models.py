@@ -275,10 +275,10 @@ def main() -> None:
             rows.append({"model": model, "objective": objective, "f1": f1, "f1_std": f1_std, "acc": acc,
                          "acc_std": acc_std, "minutes": statistics.fmean(r["minutes"] for r in runs),
                          "epochs": runs[0]["epochs"], "beats_floor": f1 > 100 * floor["weighted_f1"],
-                         "difference": difference})
+                         "difference": difference, "ce_left_out": has_paper_losses and not with_ce})
     for row in rows:  # the full objective against CE alone, within the seed spread?
         ce = next((r for r in rows if r["model"] == row["model"] and r["objective"].startswith("--no-swfc")), None)
-        if row["model"] in default_only and not row["objective"].startswith("--no-swfc"):
+        if row["ce_left_out"]:
             row["vs_ce"] = "CE-only runs not made in this table (--default-objective-only)"
         elif ce is None or ce is row:
             row["vs_ce"] = ""

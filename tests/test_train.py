@@ -216,3 +216,25 @@ def test_baselines_ignore_padding_and_missing_modalities(model):
     with torch.no_grad():
         alone, beside = net(batch).logits, net(padded).logits
     torch.testing.assert_close(beside[:, :3], alone)
+
+
+def test_weight_average_is_what_dev_scores_and_the_checkpoint_keeps(features, tmp_path):
+    """``ema_decay``: the checkpoint holds the moving average, not the last weights trained."""
+    def run(name, ema_decay):
+        config = TrainConfig(model="concat", features=features, out=tmp_path / name, epochs=3, batch_size=BATCH,
+                             lr=LR, ema_decay=ema_decay, device="cpu", model_overrides=TINY["concat"])
+        result = train(config)
+        weights = torch.load(tmp_path / name / "best.pt", weights_only=False)["state_dict"]
+        return result, weights, yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+
+    plain, plain_weights, _ = run("plain", None)
+    # a decay of ~0 averages nothing: the latest weights, as without the option
+    latest, latest_weights, _ = run("latest", 1e-12)
+    assert latest.best_epoch == plain.best_epoch
+    for name, value in plain_weights.items():
+        torch.testing.assert_close(latest_weights[name], value, atol=1e-5, rtol=1e-5)
+    slow, slow_weights, recorded = run("slow", 0.9)
+    assert recorded["train"]["ema_decay"] == 0.9
+    assert max((slow_weights[k] - v).abs().max().item() for k, v in plain_weights.items() if v.is_floating_point()) > 1e-3
+    with pytest.raises(ConfigError, match="ema_decay"):
+        run("bad", 1.0)

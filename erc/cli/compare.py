@@ -29,6 +29,7 @@ def compare_command(
     epochs: Annotated[int | None, typer.Option(help="training epochs (over presets and config)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="dialogues per batch")] = None,
     lr: Annotated[float | None, typer.Option(help="initial learning rate")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="evaluate and keep a moving average of the weights (0 = off)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML: model:/train: sections, or one such mapping per model")] = None,
     variant: Annotated[list[str] | None, typer.Option(help="LABEL=SPEC, repeatable: a run spec under a label")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -47,7 +48,7 @@ def compare_command(
         result = compare(
             CompareConfig(
                 features=features, out=out, models=split_specs(models), seeds=seeds, epochs=epochs,
-                batch_size=batch_size, lr=lr, config_file=config, variants=_variants(variant or []), device=device,
+                batch_size=batch_size, lr=lr, ema_decay=ema_decay, config_file=config, variants=_variants(variant or []), device=device,
                 precision=precision, allow_partial=allow_partial,
             ),
             on_run=on_run,

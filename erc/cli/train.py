@@ -22,6 +22,7 @@ def train_command(
     epochs: Annotated[int | None, typer.Option(help="training epochs (over preset and config)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="dialogues per batch")] = None,
     lr: Annotated[float | None, typer.Option(help="initial learning rate")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="evaluate and keep a moving average of the weights with this decay per step (0 = off, the default)")] = None,
     seed: Annotated[int, typer.Option(help="seed of initialisation, shuffling, dropout and the dev hold-out")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     modalities: Annotated[str | None, typer.Option(help="comma-separated subset of the shards' modalities")] = None,
@@ -40,7 +41,7 @@ def train_command(
     ablations = {"multiattn": no_multiattn, "use_swfc": no_swfc, "use_hgr": no_hgr}
     train_config = TrainConfig(
         model=model, features=features, out=out, preset=preset, config_file=config, epochs=epochs,
-        batch_size=batch_size, lr=lr, seed=seed, device=device, grad_clip=grad_clip,
+        batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed, device=device, grad_clip=grad_clip,
         stages=[s.strip() for s in stages.split(",") if s.strip()] if stages else None, precision=precision,
         allow_partial=allow_partial,
         modalities=[m.strip() for m in modalities.split(",") if m.strip()] if modalities else None,

@@ -33,7 +33,9 @@ from erc.models.xlstm_multiemo import XLSTMMultiEMO, XLSTMMultiEMOConfig
 class TrainHyperparameters:
     """What the trainer needs from a preset. The learning rate is multiplied by
     ``lr_decay_factor`` every ``lr_decay_every`` epochs (0 = constant); ``weight_decay`` is the
-    L2 weight λ, applied by the optimizer."""
+    L2 weight λ, applied by the optimizer. ``ema_decay`` > 0 evaluates and keeps an exponential
+    moving average of the weights, updated after every optimizer step (0 = the weights as trained;
+    no paper uses it)."""
 
     epochs: int = 100
     batch_size: int = 32
@@ -43,6 +45,7 @@ class TrainHyperparameters:
     weight_decay: float = 0.0
     lr_decay_factor: float = 1.0
     lr_decay_every: int = 0
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)

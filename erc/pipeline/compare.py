@@ -136,6 +136,7 @@ class CompareConfig:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    ema_decay: float | None = None  # a moving average of the weights (see TrainHyperparameters)
     config_file: Path | None = None
     variants: dict[str, str] = field(default_factory=dict)  # label -> run spec
     device: str = "auto"
@@ -235,8 +236,8 @@ def compare(
             run_dir = out / "runs" / _slug(spec.label) / f"seed{seed}"
             result = train(TrainConfig(
                 model=spec.model, features=config.features, out=run_dir, config_file=config_files[spec.model],
-                epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, seed=seed, device=config.device,
-                precision=config.precision, allow_partial=config.allow_partial,
+                epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, ema_decay=config.ema_decay, seed=seed,
+                device=config.device, precision=config.precision, allow_partial=config.allow_partial,
                 modalities=list(spec.modalities) if spec.modalities else None, model_overrides=dict(spec.overrides),
             ))
             runs.append({

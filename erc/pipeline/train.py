@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from erc.errors import ConfigError
 from erc.models.blocks import TrainingStage
@@ -74,6 +75,7 @@ class TrainConfig:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    ema_decay: float | None = None  # keep a moving average of the weights (see TrainHyperparameters)
     seed: int = 0
     device: str = "auto"
     modalities: list[str] | None = None  # default: the YAML's model.modalities, else all the shards hold
@@ -164,7 +166,7 @@ def resolve_settings(
 ) -> tuple[str | None, TrainHyperparameters, dict[str, Any]]:
     """(preset, training hyperparameters, model config overrides): preset < YAML file < options < data."""
     preset = config.preset if config.preset is not None else _default_preset(config.model, splits.shards.index.get("dataset"))
-    flags = {"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr}
+    flags = {"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "ema_decay": config.ema_decay}
     hparams = train_hyperparameters(
         config.model, preset, {**from_file["train"], **{k: v for k, v in flags.items() if v is not None}}
     )
@@ -172,6 +174,8 @@ def resolve_settings(
         raise ConfigError(f"optimizer must be one of {sorted(OPTIMIZERS)}, not {hparams.optimizer!r}")
     if hparams.epochs < 1 or hparams.batch_size < 1:
         raise ConfigError(f"epochs and batch size must be at least 1, got {hparams.epochs} and {hparams.batch_size}")
+    if not 0.0 <= hparams.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {hparams.ema_decay}")
     return preset, hparams, {**from_file["model"], **config.model_overrides, **_data_overrides(config.model, splits)}
 
 
@@ -369,6 +373,11 @@ def _fit(
         torch.optim.lr_scheduler.StepLR(optimizer, hparams.lr_decay_every, hparams.lr_decay_factor)
         if hparams.lr_decay_every > 0 else None
     )
+    averaged = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(hparams.ema_decay), use_buffers=True)
+        if hparams.ema_decay > 0 else None
+    )
+    evaluated = model if averaged is None else averaged.module  # what dev scores and the checkpoint keeps
     class_counts = torch.tensor(splits.class_counts, dtype=torch.float32, device=device)
     history: list[dict[str, Any]] = []
     best_epoch, best_dev = 0, {"weighted_f1": -1.0}
@@ -388,6 +397,8 @@ def _fit(
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             for name, value in terms.items():  # float64 sums on the device (.double() copies)
                 sums[name] = sums[name].add_(value.detach()) if name in sums else value.detach().double()
                 counts[name] += 1
@@ -395,7 +406,7 @@ def _fit(
                 on_batch(epoch, step, len(train_loader))
         if scheduler is not None:
             scheduler.step()
-        dev = classification_metrics(*predict(model, dev_loader, device), splits.label_names)
+        dev = classification_metrics(*predict(evaluated, dev_loader, device), splits.label_names)
         totals = torch.stack(list(sums.values())).tolist() if sums else []  # the epoch's one read of the losses
         record = {
             "epoch": epoch,
@@ -406,7 +417,7 @@ def _fit(
         }
         if dev["weighted_f1"] > best_dev["weighted_f1"]:
             best_epoch, best_dev = epoch, dev
-            save_checkpoint(checkpoint_path, model, epoch=epoch, **checkpoint_record)
+            save_checkpoint(checkpoint_path, evaluated, epoch=epoch, **checkpoint_record)
         record["best_epoch"] = best_epoch
         history.append(record)
         if on_epoch is not None:

@@ -136,32 +136,42 @@ def floor_difference(features: Path, run_dirs: list[Path], resamples: int = 2000
                                          resamples=resamples)
 
 
-def same_model_config(cached_config: Path, parsed) -> bool:
-    """Whether a cached run's model config is what the spec resolves to today: the same fields (a field
-    added since may change what the model computes, so it makes the cache stale) with the same values."""
+MEMORY_KNOBS = ("gradient_checkpointing",)  # change memory and time, not what is computed (tests/test_models.py)
+
+
+def same_run_config(cached_config: Path, parsed, train_overrides: dict) -> bool:
+    """Whether a cached run was trained as the spec resolves to today. The model config: the same fields
+    (a field added since may change what the model computes, so it makes the cache stale) with the same
+    values, memory knobs aside. The training hyperparameters (preset, then ``train_overrides``): the same
+    values, where a field the run predates counts at its default (the trainer's options are off there)."""
     import dataclasses
 
     import yaml
 
-    from erc.models.registry import build_config
+    from erc.models.registry import TrainHyperparameters, build_config, train_hyperparameters
 
     recorded = yaml.safe_load(cached_config.read_text())
-    was = recorded["model_config"]
+    was = {k: v for k, v in recorded["model_config"].items() if k not in MEMORY_KNOBS}
     data = {key: was[key] for key in ("num_speakers", "modalities") if key in was}  # set from the data
     now = dataclasses.asdict(build_config(parsed.model, input_dims=was["input_dims"], num_classes=was["num_classes"],
                                           preset=recorded["preset"], overrides={**data, **dict(parsed.overrides)}))
-    now = json.loads(json.dumps(now))  # tuples in the config (modalities, context_modalities) are lists in the YAML
-    return now.keys() == was.keys() and all(now[key] == value for key, value in was.items())
+    now = {k: v for k, v in json.loads(json.dumps(now)).items() if k not in MEMORY_KNOBS}  # tuples are YAML lists
+    trained = {**dataclasses.asdict(TrainHyperparameters()), **recorded["train"]}
+    planned = json.loads(json.dumps(dataclasses.asdict(
+        train_hyperparameters(parsed.model, recorded["preset"], {k: v for k, v in train_overrides.items() if v is not None})
+    )))
+    return now == was and json.loads(json.dumps(trained)) == planned
 
 
-def reusable_run(out: Path, parsed) -> Path:
+def reusable_run(out: Path, parsed, train_overrides: dict) -> Path:
     """The summary file of a cached run in ``out``; an interrupted run, or one cached with another model
-    config than ``parsed`` resolves to today, is removed first (so the summary does not exist)."""
+    config or training hyperparameters than ``parsed`` resolves to today, is removed first (so the
+    summary does not exist)."""
     import shutil
 
     cached = out / "summary.json"
-    if cached.exists() and not same_model_config(out / "config.yaml", parsed):
-        print(f"{out}: cached with another model config (a preset or default changed since); running again")
+    if cached.exists() and not same_run_config(out / "config.yaml", parsed, train_overrides):
+        print(f"{out}: cached with another configuration (a preset or default changed since); running again")
         cached.unlink()
     if not cached.exists() and out.exists():
         shutil.rmtree(out)
@@ -181,7 +191,7 @@ def train_cached(features: Path, spec: str, seed: int, out: Path, *, lr: float |
     from erc.pipeline.train import TrainConfig, train
 
     parsed = parse_run_spec(spec)
-    cached = reusable_run(out, parsed)
+    cached = reusable_run(out, parsed, {"lr": lr, "epochs": epochs})
     if not cached.exists():
         started = time.perf_counter()
         result = train(TrainConfig(model=parsed.model, features=features, out=out, seed=seed, device="cpu", lr=lr,

@@ -5,8 +5,9 @@ model has a preset of that name, else none, i.e. the config class defaults and
 ``TrainHyperparameters`` defaults), then a YAML file with ``model:`` and ``train:`` sections shaped
 like a preset entry, then the explicit options of :class:`TrainConfig`.
 
-The checkpoint kept is the epoch with the best DEV weighted F1; the test split is read once, after
-training. A model that offers training stages (``training_stages()``, e.g. pairwise fusion's PMF
+The checkpoint kept is the epoch with the best DEV weighted F1 (with ``ema_decay``, of the moving
+average of the weights, which is then what dev scores and the checkpoint holds); the test split is
+read once, after training. A model that offers training stages (``training_stages()``, e.g. pairwise fusion's PMF
 then MFF/MAL) can be trained stage by stage (``stages``): the epoch loop runs once per stage with
 the rest of the model frozen, and config.yaml and the history record the stages. A run directory holds::
 

@@ -149,18 +149,19 @@ def same_run_config(cached_config: Path, parsed, train_overrides: dict) -> bool:
     import yaml
 
     from erc.models.registry import TrainHyperparameters, build_config, train_hyperparameters
+    from erc.pipeline.train import jsonable
 
     recorded = yaml.safe_load(cached_config.read_text())
     was = {k: v for k, v in recorded["model_config"].items() if k not in MEMORY_KNOBS}
     data = {key: was[key] for key in ("num_speakers", "modalities") if key in was}  # set from the data
     now = dataclasses.asdict(build_config(parsed.model, input_dims=was["input_dims"], num_classes=was["num_classes"],
                                           preset=recorded["preset"], overrides={**data, **dict(parsed.overrides)}))
-    now = {k: v for k, v in json.loads(json.dumps(now)).items() if k not in MEMORY_KNOBS}  # tuples are YAML lists
-    trained = {**dataclasses.asdict(TrainHyperparameters()), **recorded["train"]}
-    planned = json.loads(json.dumps(dataclasses.asdict(
+    now = {k: v for k, v in jsonable(now).items() if k not in MEMORY_KNOBS}  # as config.yaml records it
+    trained = jsonable({**dataclasses.asdict(TrainHyperparameters()), **recorded["train"]})
+    planned = jsonable(dataclasses.asdict(
         train_hyperparameters(parsed.model, recorded["preset"], {k: v for k, v in train_overrides.items() if v is not None})
-    )))
-    return now == was and json.loads(json.dumps(trained)) == planned
+    ))
+    return now == was and trained == planned
 
 
 def reusable_run(out: Path, parsed, train_overrides: dict) -> Path:

@@ -147,7 +147,8 @@ def _data_overrides(model: str, splits: DataSplits) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in fields}
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` as config.yaml records it: tuples as lists, anything JSON lacks as its string."""
     return json.loads(json.dumps(obj, default=str))
 
 
@@ -428,7 +429,7 @@ def _fit(
 
 def _write_run_files(out: Path, resolved: dict[str, Any], splits: DataSplits) -> None:
     """config.yaml, run.json (provenance and the dialogues of each split) and the shard index copy."""
-    (out / "config.yaml").write_text(yaml.safe_dump(_jsonable(resolved), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(jsonable(resolved), sort_keys=False))
     shutil.copyfile(splits.shards.directory / "index.json", out / "index.json")
     run = {
         "seed": resolved["seed"],

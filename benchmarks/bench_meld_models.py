@@ -2,6 +2,7 @@
 
     python benchmarks/bench_meld_models.py [--meld-root DIR] [--work DIR] [--seeds 3]
         [--models multiemo,xlstm-multiemo,text-only] [--threads 2] [--default-objective-only MODELS]
+        [--no-text-context --results FILE]
 
 1. ``erc extract --dataset meld --modalities text`` with the bundled MiniLM and the DEFAULT extraction
    settings (context input, pooling chosen from the checkpoint, default length), resumable;
@@ -11,6 +12,9 @@
    preset says), and with ``--no-swfc --no-hgr`` (cross-entropy alone) where the model has those
    losses, each over ``--seeds`` seeds (``--default-objective-only`` names models whose cross-entropy runs
    are left out, e.g. the 200-epoch xlstm-multiemo preset on two CPU cores; the table says so).
+
+``--no-text-context`` extracts each utterance alone (``erc extract --no-text-context``): then the floor
+sees no dialogue at all, and only the models' context encoders can bring the dialogue in.
 
 Prints one table (mean ± sample std over seeds of test weighted F1 and accuracy, minutes per run, the
 gap to the logistic regression) and writes ``benchmarks/results/meld_models.md``. Every stage caches
@@ -34,9 +38,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "meld_models.md"
 CE_ONLY = "no-swfc;no-hgr"
 
 
-def extract_features(meld_root: Path, text_model: str, out: Path, threads: int) -> float:
-    """Default text extraction of MELD (resumes a partial set; a complete cached set is reused as it
-    is); seconds spent in this call."""
+def extract_features(meld_root: Path, text_model: str, out: Path, threads: int, text_context: bool = True) -> float:
+    """Default text extraction of MELD, or with each utterance alone (``text_context`` False); resumes a
+    partial set, and a complete cached set is reused as it is; seconds spent in this call."""
     from erc.errors import ErcError
     from erc.pipeline.extract import ExtractConfig, extract
     from erc.pipeline.shards import ShardSet
@@ -48,7 +52,7 @@ def extract_features(meld_root: Path, text_model: str, out: Path, threads: int) 
         pass
     started = time.perf_counter()
     extract(ExtractConfig(dataset="meld", root=meld_root, out=out, modalities=("text",), text_model=text_model,
-                          workers=1, threads_per_worker=threads))
+                          text_context=text_context, workers=1, threads_per_worker=threads))
     return time.perf_counter() - started
 
 
@@ -263,11 +267,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the presets' epochs (default: the preset's)")
     parser.add_argument("--default-objective-only", default="",
                         help="comma-separated models whose cross-entropy-only runs are not made (their row says so)")
+    parser.add_argument("--no-text-context", dest="text_context", action="store_false",
+                        help="extract each utterance alone, without its dialogue (default: the context input)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"the results page to write (default: {RESULTS})")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     features = args.work / "features"
-    extract_seconds = extract_features(args.meld_root, str(args.text_model), features, args.threads)
+    extract_seconds = extract_features(args.meld_root, str(args.text_model), features, args.threads, args.text_context)
     floor = cached_floor(features, args.work)
     print(f"logistic regression on the shard vectors: test weighted F1 {100 * floor['weighted_f1']:.2f}", flush=True)
 
@@ -303,13 +310,16 @@ def main() -> None:
               "regression | − floor [95% interval over test dialogues] | full objective − CE only |")
     lines = [
         f"# MELD, text only: do the models learn with their own objectives? ({args.seeds} seeds)", "",
-        f"Features: `erc extract --dataset meld --modalities text` with the bundled all-MiniLM-L6-v2 and the default "
-        f"extraction settings (pooling chosen from the checkpoint); {floor['train_utterances']} training and "
+        f"Features: `erc extract --dataset meld --modalities text{'' if args.text_context else ' --no-text-context'}` "
+        f"with the bundled all-MiniLM-L6-v2 and the default extraction settings"
+        + ("" if args.text_context else " otherwise (**each utterance encoded alone, without its dialogue**)")
+        + f" (pooling chosen from the checkpoint); {floor['train_utterances']} training and "
         f"{floor['test_utterances']} test utterances (the full MELD test set). Models: `erc train` with the MELD "
         f"preset, CPU, {args.threads} threads"
         + (f", **{args.epochs} epochs instead of the preset's**" if args.epochs else "")
         + f". Command: `python benchmarks/bench_meld_models.py{f' --epochs {args.epochs}' if args.epochs else ''}"
-        + (f" --default-objective-only {','.join(sorted(default_only))}" if default_only else "") + "`.", "",
+        + (f" --default-objective-only {','.join(sorted(default_only))}" if default_only else "")
+        + ("" if args.text_context else f" --no-text-context --results {args.results}") + "`.", "",
         f"Floor: logistic regression on the same shard vectors (standardised, one utterance at a time): "
         f"test weighted F1 **{100 * floor['weighted_f1']:.2f}**, accuracy {100 * floor['accuracy']:.2f}.", "",
         header, "|" + "---|" * 9,
@@ -321,7 +331,7 @@ def main() -> None:
         "remove. A model is distinguishable from the floor only where the interval excludes 0.",
         "", f"Extraction in this invocation: {extract_seconds:.0f} s (0 when the cached shard set was complete).",
     ]
-    print_and_write(lines, RESULTS)
+    print_and_write(lines, args.results)
 
 
 if __name__ == "__main__":

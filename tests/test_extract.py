@@ -313,6 +313,30 @@ def test_text_only_needs_no_media(manifest_path, tiny_text_encoder, tmp_path):
     assert shards.modalities == ["text"]
 
 
+def test_no_text_context_encodes_each_utterance_alone(manifest_path, tiny_text_encoder, tmp_path):
+    """`erc extract --no-text-context`: every vector is its utterance's own single-segment input encoded
+    on its own, not batched with its dialogue's other lines, and not the context run's; the shards record it."""
+    from erc.features.text import TextConfig, TextExtractor
+    from erc.pipeline.corpus import load_corpus
+
+    def run(out: Path, *flags: str) -> dict[str, np.ndarray]:
+        result = CliRunner().invoke(app, ["extract", "--dataset", "manifest", "--root", str(manifest_path.parent),
+                                          "--out", str(out), "--text-model", str(tiny_text_encoder),
+                                          "--modalities", "text", *flags])
+        assert result.exit_code == 0, result.output
+        return {uid: vectors["text"] for uid, vectors in _features(out).items() if "text" in vectors}
+
+    alone, in_context = run(tmp_path / "alone", "--no-text-context"), run(tmp_path / "context")
+    assert json.loads((tmp_path / "alone" / "index.json").read_text())["config"]["text"]["context"] is False
+    extractor = TextExtractor(TextConfig(model=str(tiny_text_encoder), context=False))
+    utterances = [u for d in load_corpus("manifest", manifest_path.parent).dialogues for u in d.utterances]
+    assert alone.keys() == in_context.keys() == {u.utterance_id for u in utterances}
+    for u in utterances:
+        np.testing.assert_allclose(alone[u.utterance_id], extractor.extract_dialogue([u.speaker], [u.text])[0],
+                                   atol=1e-5, err_msg=u.utterance_id)
+    assert any(not np.allclose(alone[uid], in_context[uid], atol=1e-3) for uid in alone)
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     """`erc demo` as the README's first command runs it, and its model learns (slow: about 3 minutes

@@ -55,6 +55,7 @@ def extract_command(
     text_model: TextModelOption = "roberta-base",
     text_max_length: Annotated[int, typer.Option(help="tokens of each context input (current utterance kept whole)")] = 512,
     text_pooling: Annotated[str | None, typer.Option(help="first | mean | utterance (default: from the checkpoint: its fine-tuning, a sentence-transformers mean -> utterance, else first)")] = None,
+    text_context: Annotated[bool, typer.Option(help="encode each utterance with its speaker-prefixed past and future utterances (--no-text-context: the utterance alone)")] = True,
     face_weights: Annotated[Path | None, typer.Option(help="ResNet-101 state dict (torchvision or MultiEMO layout)")] = None,
     random_face_weights: Annotated[bool, typer.Option(help="untrained ResNet-101 (testing only; recorded in the shards)")] = False,
     faces: Annotated[str, typer.Option(help="all | largest: faces averaged per frame")] = "all",
@@ -98,7 +99,7 @@ def extract_command(
             warnings.showwarning = show
             config = ExtractConfig(
                 dataset=dataset, root=root, out=out, manifest=manifest, text_model=text_model,
-                text_max_length=text_max_length, text_pooling=text_pooling, face_weights=face_weights,
+                text_max_length=text_max_length, text_context=text_context, text_pooling=text_pooling, face_weights=face_weights,
                 random_face_weights=random_face_weights, faces=faces, num_frames=num_frames,
                 modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()), label_set=label_set,
                 precision=precision, text_precision=text_precision, compile=compile, workers=workers, scheduler=scheduler, device=device, limit=limit,

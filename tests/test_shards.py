@@ -53,6 +53,9 @@ def test_round_trip_and_index(tmp_path):
     assert index["shards"][0]["present"]["audio"] == 3  # utterance 1 of each dialogue has none
     assert index["shards"][0]["failures"][0]["item"] == "d0_u1"
     shards = ShardSet(tmp_path)
+    # the canonical modality order, not index.json's sorted keys: a model's config (and MultiAttn's key
+    # order) takes it from here
+    assert shards.modalities == ["text", "audio", "visual"] and list(shards.dims) == ["audio", "text", "visual"]
     assert [r.dialogue_id for r in shards.dialogues("train")] == ["d0", "d2"]
     rows = shards.load(shards.dialogues("test")[0], frames=True)
     expected = [r for r in records if r.dialogue_id == "d1"]

@@ -2,10 +2,11 @@
 
     python benchmarks/bench_meld_models.py [--meld-root DIR] [--work DIR] [--seeds 3]
         [--models multiemo,xlstm-multiemo,text-only] [--threads 2] [--default-objective-only MODELS]
-        [--no-text-context --results FILE]
+        [--text-context | --no-text-context] [--results FILE]
 
 1. ``erc extract --dataset meld --modalities text`` with the bundled MiniLM and the DEFAULT extraction
-   settings (context input, pooling chosen from the checkpoint, default length), resumable;
+   settings (context input and pooling chosen from the checkpoint: for this sentence-transformers
+   checkpoint each utterance alone, utterance pooling), resumable;
 2. the floor: a logistic regression (scikit-learn) on the very same shard vectors, one utterance at a
    time, no dialogue context;
 3. ``erc train`` of each model with its default objective and the MELD preset (epochs, lr, batch as the
@@ -13,8 +14,9 @@
    losses, each over ``--seeds`` seeds (``--default-objective-only`` names models whose cross-entropy runs
    are left out, e.g. the 200-epoch xlstm-multiemo preset on two CPU cores; the table says so).
 
-``--no-text-context`` extracts each utterance alone (``erc extract --no-text-context``): then the floor
-sees no dialogue at all, and only the models' context encoders can bring the dialogue in.
+``--text-context`` extracts each utterance in its dialogue context instead (``erc extract
+--text-context``, the default before session 17; ``--no-text-context``, today's default for this
+checkpoint, says so explicitly); write such a table elsewhere with ``--results``.
 
 Prints one table (mean ± sample std over seeds of test weighted F1 and accuracy, minutes per run, the
 gap to the logistic regression) and writes ``benchmarks/results/meld_models.md``. Every stage caches
@@ -38,22 +40,21 @@ RESULTS = Path(__file__).resolve().parent / "results" / "meld_models.md"
 CE_ONLY = "no-swfc;no-hgr"
 
 
-def extract_features(meld_root: Path, text_model: str, out: Path, threads: int, text_context: bool = True) -> float:
-    """Default text extraction of MELD, or with each utterance alone (``text_context`` False); resumes a
-    partial set, and a complete cached set is reused as it is; seconds spent in this call."""
-    from erc.errors import ErcError
+def extract_features(meld_root: Path, text_model: str, out: Path, threads: int, text_context: bool | None = None
+                     ) -> tuple[float, bool]:
+    """Text extraction of MELD (``text_context`` None: the checkpoint's default); resumes a partial set,
+    skips a complete one, and refuses (ConfigError) a cached set extracted with other settings. Returns
+    the seconds spent in this call and whether the utterances were read in context."""
     from erc.pipeline.extract import ExtractConfig, extract
     from erc.pipeline.shards import ShardSet
 
-    try:
-        ShardSet(out).close()
-        return 0.0
-    except ErcError:
-        pass
     started = time.perf_counter()
     extract(ExtractConfig(dataset="meld", root=meld_root, out=out, modalities=("text",), text_model=text_model,
                           text_context=text_context, workers=1, threads_per_worker=threads))
-    return time.perf_counter() - started
+    shards = ShardSet(out)
+    context = bool(shards.config["text"]["context"])
+    shards.close()
+    return time.perf_counter() - started, context
 
 
 @dataclass
@@ -267,14 +268,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the presets' epochs (default: the preset's)")
     parser.add_argument("--default-objective-only", default="",
                         help="comma-separated models whose cross-entropy-only runs are not made (their row says so)")
-    parser.add_argument("--no-text-context", dest="text_context", action="store_false",
-                        help="extract each utterance alone, without its dialogue (default: the context input)")
+    parser.add_argument("--text-context", action=argparse.BooleanOptionalAction, default=None,
+                        help="extract each utterance in its dialogue context, or alone (default: the checkpoint's choice)")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"the results page to write (default: {RESULTS})")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     features = args.work / "features"
-    extract_seconds = extract_features(args.meld_root, str(args.text_model), features, args.threads, args.text_context)
+    extract_seconds, text_context = extract_features(args.meld_root, str(args.text_model), features, args.threads,
+                                                     args.text_context)
     floor = cached_floor(features, args.work)
     print(f"logistic regression on the shard vectors: test weighted F1 {100 * floor['weighted_f1']:.2f}", flush=True)
 
@@ -306,20 +308,22 @@ def main() -> None:
             worse = row["f1"] < ce["f1"] - (row["f1_std"] + ce["f1_std"])
             row["vs_ce"] = f"{row['f1'] - ce['f1']:+.2f} ({'WORSE than' if worse else 'not worse than'} CE alone beyond the seed spread)"
 
+    context_flag = {None: "", True: " --text-context", False: " --no-text-context"}[args.text_context]
     header = ("| model | objective | test weighted F1 | test accuracy | epochs | minutes per run | beats the logistic "
               "regression | − floor [95% interval over test dialogues] | full objective − CE only |")
     lines = [
         f"# MELD, text only: do the models learn with their own objectives? ({args.seeds} seeds)", "",
-        f"Features: `erc extract --dataset meld --modalities text{'' if args.text_context else ' --no-text-context'}` "
-        f"with the bundled all-MiniLM-L6-v2 and the default extraction settings"
-        + ("" if args.text_context else " otherwise (**each utterance encoded alone, without its dialogue**)")
-        + f" (pooling chosen from the checkpoint); {floor['train_utterances']} training and "
+        f"Features: `erc extract --dataset meld --modalities text{context_flag}` with the bundled all-MiniLM-L6-v2 "
+        f"and the default extraction settings{' otherwise' if context_flag else ''}: "
+        + ("**each utterance in its dialogue context** (the context input)" if text_context else
+           "**each utterance encoded alone**, without its dialogue (only the models' context encoders see it)")
+        + f", pooling chosen from the checkpoint; {floor['train_utterances']} training and "
         f"{floor['test_utterances']} test utterances (the full MELD test set). Models: `erc train` with the MELD "
         f"preset, CPU, {args.threads} threads"
         + (f", **{args.epochs} epochs instead of the preset's**" if args.epochs else "")
         + f". Command: `python benchmarks/bench_meld_models.py{f' --epochs {args.epochs}' if args.epochs else ''}"
         + (f" --default-objective-only {','.join(sorted(default_only))}" if default_only else "")
-        + ("" if args.text_context else f" --no-text-context --results {args.results}") + "`.", "",
+        + context_flag + (f" --results {args.results}" if args.results != RESULTS else "") + "`.", "",
         f"Floor: logistic regression on the same shard vectors (standardised, one utterance at a time): "
         f"test weighted F1 **{100 * floor['weighted_f1']:.2f}**, accuracy {100 * floor['accuracy']:.2f}.", "",
         header, "|" + "---|" * 9,

@@ -195,7 +195,7 @@ def test_bf16_text_features_stay_close_to_fp32(minilm_features):
     """The real MiniLM under bf16 autocast: every utterance's vector within cosine 0.999 of fp32, and
     the arithmetic really changed (the vectors are not bit-identical)."""
     fp32 = minilm_features[True]
-    bf16 = TextExtractor(TextConfig(MINILM, max_length=128, precision="bf16"))
+    bf16 = TextExtractor(TextConfig(MINILM, max_length=128, context=True, precision="bf16"))
     for dialogue in (DIALOGUE_A, DIALOGUE_B, (SPEAKERS, TEXTS)):
         exact, low = fp32.extract_dialogue(*dialogue), bf16.extract_dialogue(*dialogue)
         assert low.dtype == np.float32 and low.shape == exact.shape
@@ -282,6 +282,35 @@ def test_pooling_defaults_follow_the_checkpoint(tiny_roberta, tmp_path):
 
     assert FinetuneConfig(dataset="meld", root=tmp_path, text_model=str(mean), out=tmp_path / "o").pooling == "utterance"
     assert FinetuneConfig(dataset="meld", root=tmp_path, text_model=str(tiny_roberta), out=tmp_path / "o").pooling == "first"
+
+
+def test_context_defaults_follow_the_checkpoint(tiny_roberta, tmp_path):
+    """Context input by default for a plain checkpoint (the papers' RoBERTa); each utterance alone for a
+    sentence-transformers checkpoint, whatever its pooling; what a fine-tuned directory was trained on."""
+    import json
+    import shutil
+
+    from erc.features.text import context_choice
+    from erc.pipeline.extract import ExtractConfig
+
+    mean = _sentence_transformers_dir(tiny_roberta, tmp_path / "mean", {"pooling_mode_mean_tokens": True})
+    cls = _sentence_transformers_dir(tiny_roberta, tmp_path / "cls", {"pooling_mode_cls_token": True})
+    assert context_choice(None, str(tiny_roberta))[0] is True
+    assert context_choice(None, "roberta-base")[0] is True  # a plain checkpoint (not in the cache here)
+    assert context_choice(None, str(mean))[0] is False and context_choice(None, str(cls))[0] is False
+    assert context_choice(None, MINILM)[0] is False  # the bundled MiniLM ships modules.json
+    assert context_choice(True, str(mean)) == (True, "asked for")
+    assert context_choice(False, str(tiny_roberta)) == (False, "asked for")
+    for trained in (True, False):  # a fine-tuned sentence-transformers directory reads what it was trained on
+        finetuned = tmp_path / f"finetuned-{trained}"
+        shutil.copytree(mean, finetuned)
+        (finetuned / "finetune.json").write_text(json.dumps({"config": {"pooling": "utterance", "context": trained}}))
+        assert context_choice(None, str(finetuned))[0] is trained
+    # what extraction resolves, records in the shards and feeds the encoder
+    assert TextExtractor(TextConfig(model=str(mean))).info()["context"] is False
+    assert TextExtractor(TextConfig(model=str(tiny_roberta))).info()["context"] is True
+    config = ExtractConfig(dataset="manifest", root=tmp_path, out=tmp_path / "o", text_model=str(mean), modalities=("text",))
+    assert config.text_context is False and config.feature_config({})["text"]["context"] is False
 
 
 def test_an_uncached_hub_model_is_a_clear_error_not_an_empty_checksum(monkeypatch, tmp_path):

@@ -55,7 +55,7 @@ def extract_command(
     text_model: TextModelOption = "roberta-base",
     text_max_length: Annotated[int, typer.Option(help="tokens of each context input (current utterance kept whole)")] = 512,
     text_pooling: Annotated[str | None, typer.Option(help="first | mean | utterance (default: from the checkpoint: its fine-tuning, a sentence-transformers mean -> utterance, else first)")] = None,
-    text_context: Annotated[bool, typer.Option(help="encode each utterance with its speaker-prefixed past and future utterances (--no-text-context: the utterance alone)")] = True,
+    text_context: Annotated[bool | None, typer.Option("--text-context/--no-text-context", help="encode each utterance with its speaker-prefixed past and future utterances, or alone (default: from the checkpoint: its fine-tuning, a sentence-transformers checkpoint alone, else in context)")] = None,
     face_weights: Annotated[Path | None, typer.Option(help="ResNet-101 state dict (torchvision or MultiEMO layout)")] = None,
     random_face_weights: Annotated[bool, typer.Option(help="untrained ResNet-101 (testing only; recorded in the shards)")] = False,
     faces: Annotated[str, typer.Option(help="all | largest: faces averaged per frame")] = "all",
@@ -110,9 +110,11 @@ def extract_command(
                 crop_batch=crop_batch, detect_batch=detect_batch, read_ahead=read_ahead,
             )
             if "text" in config.modalities:
-                from erc.features.text import pooling_choice
+                from erc.features.text import context_choice, pooling_choice
 
                 console.print(f"text pooling: {config.text_pooling} ({pooling_choice(text_pooling, text_model)[1]})")
+                console.print(f"text context: {'on' if config.text_context else 'off'} "
+                              f"({context_choice(text_context, text_model)[1]})")
             if precision == "auto" and "visual" in config.modalities:
                 console.print(f"visual precision: {config.precision} (auto)")
             if text_precision == "auto" and "text" in config.modalities:

@@ -78,7 +78,7 @@ class ExtractConfig:
     modalities: tuple[str, ...] = MODALITIES
     text_model: str = DEFAULT_TEXT_MODEL
     text_max_length: int = 512
-    text_context: bool = True
+    text_context: bool | None = None  # None: chosen from the checkpoint (erc.features.text.context_choice)
     text_pooling: str | None = None
     face_weights: Path | None = None
     random_face_weights: bool = False
@@ -132,9 +132,10 @@ class ExtractConfig:
         if unknown or not self.modalities:
             raise ConfigError(f"--modalities must be a subset of {','.join(MODALITIES)}, got {','.join(self.modalities)}")
         if "text" in self.modalities:
-            from erc.features.text import resolve_pooling
+            from erc.features.text import resolve_context, resolve_pooling
 
             self.text_pooling = resolve_pooling(self.text_pooling, self.text_model)
+            self.text_context = resolve_context(self.text_context, self.text_model)
         if self.faces not in ("all", "largest"):
             raise ConfigError(f"--faces must be 'all' or 'largest', got {self.faces!r}")
         for option, value in (("--precision", self.precision), ("--text-precision", self.text_precision)):

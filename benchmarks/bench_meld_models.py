@@ -333,7 +333,7 @@ def main() -> None:
         "", "The interval: a paired bootstrap over the 280 test dialogues (2000 resamples; every run and the floor "
         "scored on the same draw), the uncertainty that comes from the test set's size and that more seeds do not "
         "remove. A model is distinguishable from the floor only where the interval excludes 0.",
-        "", f"Extraction in this invocation: {extract_seconds:.0f} s (0 when the cached shard set was complete).",
+        "", f"Extraction in this invocation: {extract_seconds:.0f} s (a complete cached shard set is only checked against the settings).",
     ]
     print_and_write(lines, args.results)
 

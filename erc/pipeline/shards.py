@@ -393,7 +393,7 @@ class ShardSet:
         self.label_names: list[str] = self.index["label_names"]
         self.dims: dict[str, int] = self.index["dims"]
         # canonical order (text, audio, visual), whatever order index.json's sorted keys give: the
-        # models' configs take it from here, and MultiAttn's key order follows it (MultiEMO §3.4)
+        # models' configs take it from here, and MultiAttn's key order follows it (its docstring's order)
         self.modalities: list[str] = sorted(self.dims, key=lambda m: MODALITIES.index(m) if m in MODALITIES else len(MODALITIES))
         self.config: dict[str, Any] = self.index["config"]
         self.refs: list[DialogueRef] = []

@@ -46,15 +46,17 @@ def extract_features(meld_root: Path, text_model: str, out: Path, threads: int, 
     skips a complete one, and refuses (ConfigError) a cached set extracted with other settings. Returns
     the seconds spent in this call and whether the utterances were read in context."""
     from erc.pipeline.extract import ExtractConfig, extract
-    from erc.pipeline.shards import ShardSet
 
     started = time.perf_counter()
-    extract(ExtractConfig(dataset="meld", root=meld_root, out=out, modalities=("text",), text_model=text_model,
-                          text_context=text_context, workers=1, threads_per_worker=threads))
-    shards = ShardSet(out)
-    context = bool(shards.config["text"]["context"])
-    shards.close()
-    return time.perf_counter() - started, context
+    config = ExtractConfig(dataset="meld", root=meld_root, out=out, modalities=("text",), text_model=text_model,
+                           text_context=text_context, workers=1, threads_per_worker=threads)  # resolves the context
+    extract(config)
+    return time.perf_counter() - started, config.text_context
+
+
+def context_flag(text_context: bool | None) -> str:
+    """The ``--text-context`` option as a command line in a results page gives it ("" for the default)."""
+    return {None: "", True: " --text-context", False: " --no-text-context"}[text_context]
 
 
 @dataclass
@@ -308,13 +310,13 @@ def main() -> None:
             worse = row["f1"] < ce["f1"] - (row["f1_std"] + ce["f1_std"])
             row["vs_ce"] = f"{row['f1'] - ce['f1']:+.2f} ({'WORSE than' if worse else 'not worse than'} CE alone beyond the seed spread)"
 
-    context_flag = {None: "", True: " --text-context", False: " --no-text-context"}[args.text_context]
+    flag = context_flag(args.text_context)
     header = ("| model | objective | test weighted F1 | test accuracy | epochs | minutes per run | beats the logistic "
               "regression | − floor [95% interval over test dialogues] | full objective − CE only |")
     lines = [
         f"# MELD, text only: do the models learn with their own objectives? ({args.seeds} seeds)", "",
-        f"Features: `erc extract --dataset meld --modalities text{context_flag}` with the bundled all-MiniLM-L6-v2 "
-        f"and the default extraction settings{' otherwise' if context_flag else ''}: "
+        f"Features: `erc extract --dataset meld --modalities text{flag}` with the bundled all-MiniLM-L6-v2 "
+        f"and the default extraction settings{' otherwise' if flag else ''}: "
         + ("**each utterance in its dialogue context** (the context input)" if text_context else
            "**each utterance encoded alone**, without its dialogue (only the models' context encoders see it)")
         + f", pooling chosen from the checkpoint; {floor['train_utterances']} training and "
@@ -323,7 +325,7 @@ def main() -> None:
         + (f", **{args.epochs} epochs instead of the preset's**" if args.epochs else "")
         + f". Command: `python benchmarks/bench_meld_models.py{f' --epochs {args.epochs}' if args.epochs else ''}"
         + (f" --default-objective-only {','.join(sorted(default_only))}" if default_only else "")
-        + context_flag + (f" --results {args.results}" if args.results != RESULTS else "") + "`.", "",
+        + flag + (f" --results {args.results}" if args.results != RESULTS else "") + "`.", "",
         f"Floor: logistic regression on the same shard vectors (standardised, one utterance at a time): "
         f"test weighted F1 **{100 * floor['weighted_f1']:.2f}**, accuracy {100 * floor['accuracy']:.2f}.", "",
         header, "|" + "---|" * 9,

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_meld_models import (  # noqa: E402
     cached_floor,
+    context_flag,
     extract_features,
     floor_difference,
     interval_text,
@@ -83,7 +84,7 @@ def main() -> None:
     lines = [
         f"# xlstm-multiemo variants on MELD text (lr {args.lr:g}, {args.epochs} epochs, {args.seeds} seeds)", "",
         f"Command: `python benchmarks/bench_xlstm_meld_variants.py"
-        f"{ {None: '', True: ' --text-context', False: ' --no-text-context'}[args.text_context]}`; features and floor "
+        f"{context_flag(args.text_context)}`; features and floor "
         f"as in {'meld_models_context_input.md' if text_context else 'meld_models.md'}. "
         f"Logistic-regression floor: **{floor:.2f}**. Baseline: the first row.", "",
         "| variant | best dev W-F1 (mean) | test W-F1 per seed | test mean | vs baseline | − floor [95% interval over "

@@ -200,12 +200,13 @@ def encoder_inputs(batch: dict[str, torch.Tensor], device: str | torch.device) -
     return {name: batch[name].to(device) for name in ("input_ids", "attention_mask")}
 
 
-def finetuned_pooling(name_or_dir: str) -> str | None:
-    """The pooling a directory written by ``erc finetune-text`` was trained with (None otherwise)."""
+def finetuned_config(name_or_dir: str) -> dict | None:
+    """The config a directory written by ``erc finetune-text`` records in its ``finetune.json`` (its
+    pooling and context input among it); None for any other checkpoint."""
     info = Path(name_or_dir).expanduser() / FINETUNE_INFO_FILE
     if not info.is_file():
         return None
-    return json.loads(info.read_text()).get("config", {}).get("pooling", "first")
+    return json.loads(info.read_text()).get("config", {})
 
 
 def _checkpoint_file(name_or_dir: str, filename: str) -> Path | None:
@@ -247,9 +248,9 @@ def pooling_choice(pooling: str | None, name_or_dir: str) -> tuple[str, str]:
     state, as the papers read a (fine-tuned) RoBERTa."""
     if pooling is not None:
         return check_pooling(pooling), "asked for"
-    finetuned = finetuned_pooling(name_or_dir)
+    finetuned = finetuned_config(name_or_dir)
     if finetuned is not None:
-        return check_pooling(finetuned), f"the pooling {FINETUNE_INFO_FILE} records for this fine-tuned encoder"
+        return check_pooling(finetuned.get("pooling", "first")), f"the pooling {FINETUNE_INFO_FILE} records for this fine-tuned encoder"
     declared = sentence_transformers_pooling(name_or_dir)
     if declared == "mean":
         return "utterance", "a sentence-transformers checkpoint trained with mean pooling (modules.json)"
@@ -271,10 +272,9 @@ def context_choice(context: bool | None, name_or_dir: str) -> tuple[bool, str]:
     input, as the papers read a (fine-tuned) RoBERTa."""
     if context is not None:
         return bool(context), "asked for"
-    info = Path(name_or_dir).expanduser() / FINETUNE_INFO_FILE
-    if info.is_file():
-        trained = bool(json.loads(info.read_text()).get("config", {}).get("context", True))
-        return trained, f"what {FINETUNE_INFO_FILE} records this fine-tuned encoder was trained on"
+    finetuned = finetuned_config(name_or_dir)
+    if finetuned is not None:
+        return bool(finetuned.get("context", True)), f"what {FINETUNE_INFO_FILE} records this fine-tuned encoder was trained on"
     if sentence_transformers_pooling(name_or_dir) is not None:
         return False, "a sentence-transformers checkpoint embeds each text on its own (modules.json)"
     return True, "the utterance in its speaker-prefixed dialogue context, as the papers read RoBERTa"
